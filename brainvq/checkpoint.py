@@ -1,0 +1,115 @@
+"""Checkpoint folders: ``model.safetensors`` + ``config.json``, written atomically, loaded without pickle.
+
+A folder also may hold ``training_state.safetensors`` + ``training_state.json`` (optimizer, RNG, history),
+which the training scripts use for ``--resume``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from brainvq.io import atomic_write_bytes, atomic_write_json
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+STATE_NAME = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Save tensors as safetensors, atomically."""
+    blob = save({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
+    atomic_write_bytes(path, lambda file: file.write(blob))
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning every failure into a CheckpointError that names the file."""
+    if not path.is_file():
+        pickles = [p.name for p in path.parent.glob("*") if p.suffix in PICKLE_SUFFIXES] if path.parent.is_dir() else []
+        hint = (f" It holds {', '.join(pickles)}: pickle files are never loaded, since unpickling can run code. "
+                "Convert them to safetensors.") if pickles else ""
+        raise CheckpointError(f"{str(path)!r} is missing: a checkpoint folder needs {WEIGHTS_NAME} and {CONFIG_NAME}.{hint}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({error}). It may be truncated or "
+                              "not a safetensors file at all; re-download it or re-export the checkpoint.") from error
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """Parse a checkpoint's config.json with a clear error when it is missing or malformed."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} is missing: a checkpoint folder needs {WEIGHTS_NAME} and {CONFIG_NAME}.")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON ({error}).") from error
+    if not isinstance(config, dict) or "kind" not in config or "arch" not in config:
+        raise CheckpointError(f"{str(path)!r} lacks the 'kind' and 'arch' entries of a BrainVQ checkpoint config.")
+    return config
+
+
+def save_model(folder: str | os.PathLike, model: torch.nn.Module, config: dict[str, Any]) -> Path:
+    """Write weights then config; the config is written last, so a folder with a config is complete."""
+    folder = Path(folder)
+    write_tensors(folder / WEIGHTS_NAME, model.state_dict())
+    atomic_write_json(folder / CONFIG_NAME, config)
+    return folder
+
+
+def load_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """Load model.safetensors into ``model``, naming every missing, unexpected or mis-shaped tensor."""
+    path = Path(folder) / WEIGHTS_NAME
+    state = read_tensors(path)
+    expected = model.state_dict()
+    problems = [f"missing tensor {name}" for name in expected if name not in state]
+    problems += [f"unexpected tensor {name}" for name in state if name not in expected]
+    problems += [f"{name} has shape {tuple(state[name].shape)} but the config implies {tuple(t.shape)}"
+                 for name, t in expected.items() if name in state and state[name].shape != t.shape]
+    if problems:
+        raise CheckpointError(f"{str(path)!r} does not match {CONFIG_NAME}: " + "; ".join(problems[:5])
+                              + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
+    model.load_state_dict(state)
+
+
+def save_training_state(folder: str | os.PathLike, optimizer: torch.optim.Optimizer, extra: dict[str, Any],
+                        tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Optimizer and RNG state as safetensors plus JSON, for --resume without pickle."""
+    folder = Path(folder)
+    opt = optimizer.state_dict()
+    flat = {f"opt.{index}.{key}": value for index, slots in opt["state"].items()
+            for key, value in slots.items() if torch.is_tensor(value)}
+    flat["rng.torch"] = torch.get_rng_state()
+    flat.update(tensors or {})
+    write_tensors(folder / STATE_NAME, flat)
+    atomic_write_json(folder / STATE_JSON, {"param_groups": opt["param_groups"], **extra})
+
+
+def load_training_state(folder: str | os.PathLike, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore optimizer and torch RNG; return the JSON extras and any other saved tensors."""
+    folder = Path(folder)
+    try:
+        extra = json.loads((folder / STATE_JSON).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"Cannot resume: {str(folder / STATE_JSON)!r} is missing or corrupt ({error}).") from error
+    flat = read_tensors(folder / STATE_NAME)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in flat.items():
+        if name.startswith("opt."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": extra.pop("param_groups")})
+    torch.set_rng_state(flat["rng.torch"])
+    return extra, {k: v for k, v in flat.items() if not k.startswith(("opt.", "rng."))}

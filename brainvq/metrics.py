@@ -1,0 +1,46 @@
+"""Image and code metrics. SSIM has one definition everywhere: data_range=1, 11x11 Gaussian window, sigma 1.5."""
+from __future__ import annotations
+
+import math
+
+import torch
+from pytorch_msssim import ms_ssim as _ms_ssim
+from pytorch_msssim import ssim as _ssim
+
+SSIM_KW = dict(data_range=1.0, win_size=11, win_sigma=1.5)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, per_image: bool = False) -> torch.Tensor:
+    """SSIM of (B,1,H,W) images in [0,1]: the batch mean, or one value per image."""
+    return _ssim(x, y, size_average=not per_image, **SSIM_KW)
+
+
+def ms_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image MS-SSIM (images must be at least 161 px a side for the default 5 scales)."""
+    return _ms_ssim(x, y, size_average=False, **SSIM_KW)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [0,1]; identical images are capped at 100 dB."""
+    mse = (x - y).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(1.0 / mse.clamp_min(1e-10))).clamp_max(100.0)
+
+
+def code_histogram(codes: torch.Tensor, num_codes: int) -> torch.Tensor:
+    """Counts of each code index in a tensor of codes."""
+    return torch.bincount(codes.flatten().long(), minlength=num_codes)
+
+
+def perplexity(counts: torch.Tensor) -> float:
+    """exp(entropy) of a code histogram: the effective number of codes in use."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    return float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+
+
+def entropy_bits(counts: torch.Tensor) -> float:
+    """Entropy in bits of a code histogram: the unigram baseline for bits per code."""
+    return math.log2(perplexity(counts))
+
+
+def nats_to_bits(nll: float) -> float:
+    return nll / math.log(2)
