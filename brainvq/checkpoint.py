@@ -27,6 +27,29 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or does not fit the model it is loaded into."""
 
 
+def _missing(path: Path) -> str:
+    """Message for a missing checkpoint file, pointing out pickle files that we refuse to load."""
+    folder = path.parent
+    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    hint = (f" It holds {', '.join(pickles)}: pickle files are never loaded, since unpickling can run code. "
+            "Convert them to safetensors.") if pickles else ""
+    return f"{str(path)!r} is missing: a checkpoint folder needs {WEIGHTS_NAME} and {CONFIG_NAME}.{hint}"
+
+
+def build_model(cls: type, config_cls: type, folder: str | os.PathLike) -> torch.nn.Module:
+    """Read config.json, check its kind, build ``cls`` from its arch and load the weights into it."""
+    config = read_config(folder)
+    if config["kind"] != cls.kind:
+        raise CheckpointError(f"{str(folder)!r} holds a {config['kind']!r} checkpoint, not a {cls.label}.")
+    try:
+        model = cls(config_cls.from_dict(config["arch"]))
+    except (AttributeError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{str(Path(folder) / CONFIG_NAME)!r} has a malformed 'arch' entry ({error}).") from error
+    load_weights(model, folder)
+    model.meta = config
+    return model
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Save tensors as safetensors, atomically."""
     blob = save({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
@@ -36,10 +59,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file, turning every failure into a CheckpointError that names the file."""
     if not path.is_file():
-        pickles = [p.name for p in path.parent.glob("*") if p.suffix in PICKLE_SUFFIXES] if path.parent.is_dir() else []
-        hint = (f" It holds {', '.join(pickles)}: pickle files are never loaded, since unpickling can run code. "
-                "Convert them to safetensors.") if pickles else ""
-        raise CheckpointError(f"{str(path)!r} is missing: a checkpoint folder needs {WEIGHTS_NAME} and {CONFIG_NAME}.{hint}")
+        raise CheckpointError(_missing(path))
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
@@ -51,7 +71,7 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     """Parse a checkpoint's config.json with a clear error when it is missing or malformed."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
-        raise CheckpointError(f"{str(path)!r} is missing: a checkpoint folder needs {WEIGHTS_NAME} and {CONFIG_NAME}.")
+        raise CheckpointError(_missing(path))
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

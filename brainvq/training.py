@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -90,9 +91,9 @@ def reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, flo
     return dict(zip(values, tensor.tolist()))
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+def epoch_seed(seed: int, epoch: int) -> int:
     """Shuffling for one epoch depends only on (seed, epoch), so a resumed run replays the same order."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return seed * 100_003 + epoch
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -105,8 +106,8 @@ def write_snapshot(run_dir: Path, name: str, tag: str, write: Callable[[Path], N
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     target = run_dir / f"{name}-{tag}"
-    if target.exists():
-        shutil.rmtree(target)
+    if target.exists():  # never touch the folder the link may point at: write beside it instead
+        target = run_dir / f"{name}-{tag}-{time.time_ns()}"
     write(target)
     link = run_dir / f".{name}.link"
     link.unlink(missing_ok=True)

@@ -134,16 +134,18 @@ class VectorQuantizer(nn.Module):
         return rows
 
     @torch.no_grad()
+    def initialize(self, flat: torch.Tensor) -> None:
+        """Start the codebook from random encoder outputs (the first training batch)."""
+        self.codebook.copy_(self._random_rows(flat, self.num_codes))
+        self.ema_sum.copy_(self.codebook)
+        self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
     def update(self, flat: torch.Tensor, codes: torch.Tensor) -> int:
         """One EMA step on the codebook, then restart dead codes; returns how many were restarted."""
-        if not bool(self.initialized):
-            self.codebook.copy_(self._random_rows(flat, self.num_codes))
-            self.ema_sum.copy_(self.codebook)
-            self.ema_count.fill_(1.0)
-            self.initialized.fill_(True)
-        onehot = F.one_hot(codes, self.num_codes).type(flat.dtype)
-        count = _all_reduce(onehot.sum(0))
-        total = _all_reduce(onehot.t() @ flat)
+        count = _all_reduce(torch.bincount(codes, minlength=self.num_codes).to(flat.dtype))
+        total = _all_reduce(flat.new_zeros(self.num_codes, self.code_dim).index_add_(0, codes, flat))
         self.ema_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
         self.ema_sum.mul_(self.decay).add_(total, alpha=1 - self.decay)
         n = self.ema_count.sum()
@@ -162,6 +164,8 @@ class VectorQuantizer(nn.Module):
         """z (B,D,H,W) -> (straight-through quantized z, codes (B,H,W), commitment loss)."""
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        if self.training and not bool(self.initialized):
+            self.initialize(flat.detach().float())
         codes = self.nearest(flat.detach())
         if self.training:
             self.update(flat.detach().float(), codes)
@@ -181,7 +185,7 @@ class VQVAEOutput:
 class VQVAE(nn.Module):
     """Encoder, vector quantiser and decoder; ``forward`` returns reconstruction, losses and codes."""
 
-    kind = "vqvae"
+    kind, label = "vqvae", "VQ-VAE"
 
     def __init__(self, cfg: VQVAEConfig | None = None):
         super().__init__()
@@ -227,10 +231,14 @@ class VQVAE(nn.Module):
 
     @classmethod
     def load(cls, folder: str | os.PathLike, map_location: str = "cpu") -> "VQVAE":
-        config = checkpoint.read_config(folder)
-        if config["kind"] != cls.kind:
-            raise checkpoint.CheckpointError(f"{str(folder)!r} holds a {config['kind']!r} checkpoint, not a VQ-VAE.")
-        model = cls(VQVAEConfig.from_dict(config["arch"]))
-        checkpoint.load_weights(model, folder)
-        model.meta = config
-        return model.to(map_location).eval()
+        """Load a checkpoint folder; any problem is a CheckpointError naming the file."""
+        return checkpoint.build_model(cls, VQVAEConfig, folder).to(map_location).eval()
+
+@torch.no_grad()
+def encode_array(model: VQVAE, images, batch_size: int = 32) -> torch.Tensor:
+    """Encode a uint8 (N,256,256) array (e.g. a memory-mapped split) to (N,h,w) long codes."""
+    from brainvq.data import iter_batches
+
+    device = next(model.parameters()).device
+    model.eval()
+    return torch.cat([model.encode(batch.to(device)).cpu() for batch in iter_batches(images, batch_size)])

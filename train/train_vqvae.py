@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from brainvq import checkpoint, data  # noqa: E402
 from brainvq.metrics import code_histogram, perplexity, ssim  # noqa: E402
-from brainvq.training import (autocast, epoch_generator, plot_curves, reduce_sums, resume_folder,  # noqa: E402
+from brainvq.training import (autocast, epoch_seed, plot_curves, reduce_sums, resume_folder,  # noqa: E402
                               seed_everything, setup_runtime, teardown, write_history, write_snapshot)
 from brainvq.visualize import save_triptych_figure  # noqa: E402
 from brainvq.vqvae import VQVAE, VQVAEConfig  # noqa: E402
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         state, _ = checkpoint.load_training_state(last, optimizer)
         history, best_ssim, start_epoch = state["history"], state["best_ssim"], state["epoch"] + 1
         if runtime.is_main:
-            print(f"resumed from {last} at epoch {start_epoch} (best val SSIM {best_ssim:.4f})")
+            print(f"resumed from {last} at epoch {start_epoch + 1} (best val SSIM {best_ssim:.4f})")
     if runtime.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     net = model
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, args)
         dataset.set_epoch(epoch)
-        loader = data.make_loader(dataset, args.batch_size, shuffle=True, seed=args.seed * 100_003 + epoch,
+        loader = data.make_loader(dataset, args.batch_size, shuffle=True, seed=epoch_seed(args.seed, epoch),
                                   distributed=runtime.distributed, drop_last=True)
         if runtime.distributed:
             loader.sampler.set_epoch(epoch)

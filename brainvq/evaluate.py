@@ -1,0 +1,98 @@
+"""Evaluate shipped or freshly trained models on the test split.
+
+    python -m brainvq.evaluate vqvae --checkpoint checkpoints/vqvae --data-dir DIR --json vqvae.json
+    python -m brainvq.evaluate prior --vqvae checkpoints/vqvae --pixelcnn checkpoints/pixelcnn --data-dir DIR --json prior.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from brainvq import data
+from brainvq.io import atomic_write_json
+from brainvq.metrics import code_histogram, entropy_bits, nats_to_bits, perplexity, psnr, ssim
+from brainvq.pixelcnn import GatedPixelCNN
+from brainvq.vqvae import VQVAE, encode_array
+
+
+def original_boxes(slices: data.SliceSet) -> list[tuple[int, int, int, int]]:
+    """Where each image's own pixels sit inside its padded 256x256 slice (reads file headers only)."""
+    boxes = []
+    for item in slices.items:
+        with Image.open(Path(slices.root) / item.path) as image:
+            width, height = image.size
+        boxes.append(data.content_box((height, width)))
+    return boxes
+
+
+@torch.no_grad()
+def evaluate_vqvae(model: VQVAE, slices: data.SliceSet, batch_size: int = 32) -> dict[str, float]:
+    """SSIM (whole padded frame and original area only), PSNR and code usage over a split."""
+    scores, unpadded, psnrs, counts = [], [], [], torch.zeros(model.cfg.num_codes, dtype=torch.long)
+    boxes = original_boxes(slices)
+    for start, batch in zip(range(0, len(slices), batch_size), data.iter_batches(slices.images, batch_size)):
+        codes = model.encode(batch)
+        recon = model.decode(codes)
+        counts += code_histogram(codes, model.cfg.num_codes)
+        scores += ssim(recon, batch, per_image=True).tolist()
+        psnrs += psnr(recon, batch).tolist()
+        for k in range(len(batch)):
+            top, left, height, width = boxes[start + k]
+            crop = (..., slice(top, top + height), slice(left, left + width))
+            unpadded.append(float(ssim(recon[k:k + 1][crop], batch[k:k + 1][crop])))
+    scores_np = np.array(scores)
+    return {"n_images": len(scores), "ssim_mean": float(scores_np.mean()), "ssim_median": float(np.median(scores_np)),
+            "ssim_min": float(scores_np.min()), "frac_ssim_gt_0_6": float((scores_np > 0.6).mean()),
+            "psnr_mean": float(np.mean(psnrs)), "codes_used": int((counts > 0).sum()),
+            "perplexity": perplexity(counts), "ssim_mean_unpadded": float(np.mean(unpadded))}
+
+
+@torch.no_grad()
+def evaluate_prior(prior: GatedPixelCNN, test_codes: torch.Tensor, train_codes: torch.Tensor,
+                   batch_size: int = 16) -> dict[str, float]:
+    """Bits per code and next-code accuracy on test codes, beside the unigram entropy of the train codes."""
+    nll, correct, n = 0.0, 0.0, 0
+    for start in range(0, len(test_codes), batch_size):
+        batch = test_codes[start:start + batch_size]
+        logits = prior(batch)
+        nll += float(torch.nn.functional.cross_entropy(logits, batch, reduction="sum"))
+        correct += float((logits.argmax(1) == batch).sum())
+        n += batch.numel()
+    return {"n_images": len(test_codes), "bits_per_code": nats_to_bits(nll / n),
+            "unigram_bits_per_code": entropy_bits(code_histogram(train_codes, prior.cfg.num_codes)),
+            "accuracy": correct / n}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    vq = sub.add_parser("vqvae", help="reconstruction quality and code usage on the test split")
+    vq.add_argument("--checkpoint", default="checkpoints/vqvae")
+    pr = sub.add_parser("prior", help="bits per code and accuracy of the PixelCNN on the test split")
+    pr.add_argument("--vqvae", default="checkpoints/vqvae")
+    pr.add_argument("--pixelcnn", default="checkpoints/pixelcnn")
+    for p in (vq, pr):
+        p.add_argument("--data-dir", help="data root (default $BRAINVQ_DATA or ./keras_png_slices_data)")
+        p.add_argument("--seed", type=int, default=0, help="split seed (only matters for the train codes)")
+        p.add_argument("--json", required=True, help="where to write the figures")
+    args = parser.parse_args(argv)
+    test = data.load_split(args.data_dir, "test", args.seed)
+    if args.what == "vqvae":
+        result = evaluate_vqvae(VQVAE.load(args.checkpoint), test)
+    else:
+        vqvae = VQVAE.load(args.vqvae)
+        prior = GatedPixelCNN.load(args.pixelcnn, vqvae=vqvae)
+        train = data.load_split(args.data_dir, "train", args.seed)
+        result = evaluate_prior(prior, encode_array(vqvae, test.images), encode_array(vqvae, train.images))
+    atomic_write_json(args.json, result)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""brainvq.metrics: SSIM/PSNR on images and perplexity/entropy on code histograms."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_msssim
+import torch
+import torch.nn.functional as F
+
+from brainvq import metrics
+
+
+def _images(seed: int, n: int = 3, size: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, size, size, generator=g)
+
+
+def _reference_ssim(x: torch.Tensor, y: torch.Tensor, win: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Wang et al. 2004 SSIM written out independently: 2-D Gaussian window, valid borders, K1=.01, K2=.03, L=1."""
+    coords = torch.arange(win, dtype=torch.float64) - (win - 1) / 2
+    g = torch.exp(-(coords ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :])[None, None]
+    x, y = x.double(), y.double()
+    mu_x, mu_y = F.conv2d(x, kernel), F.conv2d(y, kernel)
+    var_x = F.conv2d(x * x, kernel) - mu_x ** 2
+    var_y = F.conv2d(y * y, kernel) - mu_y ** 2
+    cov = F.conv2d(x * y, kernel) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(1)
+
+
+def test_ssim_of_identical_images_is_one():
+    x = _images(0)
+    assert float(metrics.ssim(x, x)) == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(metrics.ssim(x, x, per_image=True), torch.ones(len(x)), atol=1e-6)
+
+
+def test_ssim_per_image_shape_and_mean():
+    x, y = _images(0), _images(1)
+    per = metrics.ssim(x, y, per_image=True)
+    assert per.shape == (3,)
+    assert float(metrics.ssim(x, y)) == pytest.approx(float(per.mean()), abs=1e-6)
+    assert float(metrics.ssim(x, y)) < 0.2  # independent noise images are nearly unrelated
+
+
+def test_ssim_matches_pytorch_msssim_with_the_documented_settings():
+    x = _images(2)
+    y = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
+    expected = pytorch_msssim.ssim(x, y, data_range=1.0, win_size=11, win_sigma=1.5, size_average=False)
+    assert torch.allclose(metrics.ssim(x, y, per_image=True), expected, atol=1e-6)
+    assert metrics.SSIM_KW == {"data_range": 1.0, "win_size": 11, "win_sigma": 1.5}
+
+
+def test_ssim_matches_an_independent_implementation():
+    x = _images(4)
+    y = (0.7 * x + 0.3 * _images(5)).clamp(0, 1)
+    ours = metrics.ssim(x, y, per_image=True).double()
+    assert torch.allclose(ours, _reference_ssim(x, y), atol=1e-5)
+
+
+def test_psnr_values_and_cap():
+    x = _images(6, n=2)
+    capped = metrics.psnr(x, x)
+    assert capped.shape == (2,)
+    assert torch.all(capped == 100.0)
+    y = (x + 0.1).clamp(max=10.0)  # uniform error 0.1 -> mse 0.01 -> 20 dB
+    assert torch.allclose(metrics.psnr(x, y), torch.full((2,), 20.0), atol=1e-3)
+    assert torch.all(metrics.psnr(x, (x + 1e-7)) <= 100.0)
+
+
+@pytest.mark.parametrize("k", [1, 2, 16, 512])
+def test_perplexity_of_uniform_histogram_is_k(k):
+    counts = torch.full((k,), 7, dtype=torch.long)
+    assert metrics.perplexity(counts) == pytest.approx(k, rel=1e-9)
+    assert metrics.entropy_bits(counts) == pytest.approx(math.log2(k), abs=1e-9)
+
+
+def test_perplexity_ignores_unused_codes_and_handles_empty():
+    counts = torch.tensor([5, 0, 5, 0])
+    assert metrics.perplexity(counts) == pytest.approx(2.0)
+    assert metrics.entropy_bits(counts) == pytest.approx(1.0)
+    assert metrics.perplexity(torch.zeros(8, dtype=torch.long)) == pytest.approx(1.0)
+
+
+def test_entropy_bits_of_skewed_histogram():
+    counts = torch.tensor([2, 1, 1])  # p = 1/2, 1/4, 1/4 -> 1.5 bits
+    assert metrics.entropy_bits(counts) == pytest.approx(1.5, abs=1e-9)
+    assert metrics.perplexity(counts) == pytest.approx(2 ** 1.5, rel=1e-9)
+
+
+def test_code_histogram_and_nats_to_bits():
+    codes = torch.tensor([[0, 1], [1, 3]])
+    assert metrics.code_histogram(codes, 5).tolist() == [1, 2, 0, 1, 0]
+    assert metrics.nats_to_bits(math.log(2)) == pytest.approx(1.0)

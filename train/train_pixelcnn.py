@@ -1,0 +1,202 @@
+"""Train the gated PixelCNN prior on the code grids of a trained VQ-VAE.
+
+    python train/train_pixelcnn.py --vqvae checkpoints/vqvae --data-dir ../shared/data/alzheimer4class --out runs/pixelcnn
+    python train/train_pixelcnn.py --vqvae checkpoints/vqvae --out runs/pixelcnn --resume
+    torchrun --nproc_per_node 4 train/train_pixelcnn.py --vqvae checkpoints/vqvae --out runs/pixelcnn
+
+The training, validation and test images are encoded once and cached in OUT/codes-<vqvae>-<split>.npy.
+Keeps the best prior by validation NLL in OUT/best, the last epoch in OUT/last, and curves in OUT/curves.png.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from brainvq import checkpoint, data  # noqa: E402
+from brainvq.io import atomic_write_bytes  # noqa: E402
+from brainvq.metrics import code_histogram, entropy_bits, nats_to_bits  # noqa: E402
+from brainvq.pixelcnn import GatedPixelCNN, PixelCNNConfig  # noqa: E402
+from brainvq.training import (autocast, epoch_seed, plot_curves, reduce_sums, resume_folder,  # noqa: E402
+                              seed_everything, setup_runtime, teardown, write_history, write_snapshot)
+from brainvq.vqvae import VQVAE, encode_array  # noqa: E402
+
+# ----------------------------------------------------------------------------- defaults (the shipped run)
+CHANNELS = 48
+LAYERS = 8
+EMBED_DIM = 48
+POS_DIM = 16
+MAX_DILATION = 8
+EPOCHS = 6
+BATCH_SIZE = 16
+LR = 2e-3
+SEED = 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vqvae", default="checkpoints/vqvae", help="VQ-VAE checkpoint folder whose codes are modelled")
+    p.add_argument("--data-dir", help="OASIS keras_png_slices_data or an image folder (default $BRAINVQ_DATA)")
+    p.add_argument("--out", default="runs/pixelcnn", help="run folder")
+    p.add_argument("--channels", type=int, default=CHANNELS)
+    p.add_argument("--layers", type=int, default=LAYERS)
+    p.add_argument("--embed-dim", type=int, default=EMBED_DIM)
+    p.add_argument("--pos-dim", type=int, default=POS_DIM, help="positional map channels; 0 disables it")
+    p.add_argument("--max-dilation", type=int, default=MAX_DILATION, help="1 disables dilation")
+    p.add_argument("--first-kernel", type=int, default=7)
+    p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="per process")
+    p.add_argument("--lr", type=float, default=LR)
+    p.add_argument("--seed", type=int, default=SEED, help="fixes the split, the init and the shuffling")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
+    return p.parse_args(argv)
+
+
+def lr_at(epoch: int, args: argparse.Namespace) -> float:
+    progress = epoch / max(args.epochs - 1, 1)
+    return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def cached_codes(vqvae: VQVAE, args: argparse.Namespace, split: str, out: Path, is_main: bool) -> torch.Tensor:
+    """Codes of one split, encoded once per VQ-VAE and cached atomically (uint16 .npy)."""
+    path = out / f"codes-{vqvae.fingerprint()}-{split}.npy"
+    if path.exists():
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
+        except (OSError, ValueError) as error:
+            print(f"re-encoding {path.name}: unreadable cache ({error})")
+    images = data.load_split(args.data_dir, split, args.seed, skip_bad=args.skip_bad).images
+    codes = encode_array(vqvae, images)
+    if is_main:
+        atomic_write_bytes(path, lambda f: np.save(f, codes.numpy().astype(np.uint16), allow_pickle=False))
+    return codes
+
+
+@torch.no_grad()
+def evaluate_nll(prior: GatedPixelCNN, codes: torch.Tensor, runtime, batch_size: int) -> dict[str, float]:
+    """Mean NLL (nats per code) and top-1 accuracy over this rank's shard, all-reduced."""
+    prior.eval()
+    sums = {"nll": 0.0, "acc": 0.0, "n": 0.0}
+    shard = codes[runtime.rank::runtime.world_size]
+    for start in range(0, len(shard), batch_size):
+        batch = shard[start:start + batch_size].to(runtime.device)
+        with autocast(runtime.device):
+            nll, acc = prior.loss(batch)
+        sums["nll"] += float(nll) * len(batch)
+        sums["acc"] += float(acc) * len(batch)
+        sums["n"] += len(batch)
+    sums = reduce_sums(sums, runtime.device)
+    prior.train()
+    return {"nll": sums["nll"] / sums["n"], "acc": sums["acc"] / sums["n"]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    runtime = setup_runtime(args.device)
+    seed_everything(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    vqvae = VQVAE.load(args.vqvae, map_location=str(runtime.device))
+    train_codes = cached_codes(vqvae, args, "train", out, runtime.is_main)
+    val_codes = cached_codes(vqvae, args, "val", out, runtime.is_main)
+    unigram = entropy_bits(code_histogram(train_codes, vqvae.cfg.num_codes))
+    if runtime.is_main:
+        print(f"codes: train {tuple(train_codes.shape)} val {tuple(val_codes.shape)}; unigram {unigram:.3f} bits/code; "
+              f"device {runtime.device}, world size {runtime.world_size}")
+
+    cfg = PixelCNNConfig(num_codes=vqvae.cfg.num_codes, grid_size=vqvae.grid_size(), channels=args.channels,
+                         embed_dim=args.embed_dim, num_layers=args.layers, first_kernel=args.first_kernel,
+                         max_dilation=args.max_dilation, pos_dim=args.pos_dim)
+    model = GatedPixelCNN(cfg).to(runtime.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    history: list[dict] = []
+    best_nll, start_epoch = math.inf, 0
+    if args.resume:
+        last = resume_folder(out)
+        checkpoint.load_weights(model, last)
+        state, _ = checkpoint.load_training_state(last, optimizer)
+        history, best_nll, start_epoch = state["history"], state["best_nll"], state["epoch"] + 1
+        if runtime.is_main:
+            print(f"resumed from {last} at epoch {start_epoch + 1} (best val NLL {best_nll:.4f})")
+    net = model
+    if runtime.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
+    if args.compile:
+        net = torch.compile(net)
+
+    meta = {"vqvae": {"path": str(args.vqvae), "fingerprint": vqvae.fingerprint()},
+            "data": vqvae.meta.get("data", {}),
+            "train": {k: v for k, v in vars(args).items() if k not in ("data_dir", "out", "resume", "vqvae")}}
+    dataset = torch.utils.data.TensorDataset(train_codes)
+    for epoch in range(start_epoch, args.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(epoch, args)
+        loader = data.make_loader(dataset, args.batch_size, shuffle=True, seed=epoch_seed(args.seed, epoch),
+                                  distributed=runtime.distributed, drop_last=True)
+        if runtime.distributed:
+            loader.sampler.set_epoch(epoch)
+        sums = {"nll": 0.0, "acc": 0.0, "n": 0.0}
+        started = time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not runtime.is_main, leave=False,
+                   dynamic_ncols=True)
+        for step, (batch,) in enumerate(bar):
+            if args.max_steps and step >= args.max_steps:
+                break
+            batch = batch.to(runtime.device)
+            with autocast(runtime.device):
+                logits = net(batch)
+                nll = torch.nn.functional.cross_entropy(logits.float(), batch)
+            optimizer.zero_grad(set_to_none=True)
+            nll.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            acc = (logits.argmax(1) == batch).float().mean().item()
+            sums["nll"] += nll.item() * len(batch)
+            sums["acc"] += acc * len(batch)
+            sums["n"] += len(batch)
+            if step % 10 == 0:
+                bar.set_postfix(bits=f"{nats_to_bits(nll.item()):.3f}", acc=f"{acc:.3f}")
+        sums = reduce_sums(sums, runtime.device)
+        val = evaluate_nll(model, val_codes, runtime, args.batch_size)
+        record = {"epoch": epoch + 1, "train_bits": nats_to_bits(sums["nll"] / sums["n"]),
+                  "val_bits": nats_to_bits(val["nll"]), "train_acc": sums["acc"] / sums["n"], "val_acc": val["acc"],
+                  "unigram_bits": unigram, "lr": lr_at(epoch, args), "grids_per_s": sums["n"] / (time.time() - started)}
+        history.append(record)
+        if runtime.is_main:
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                  flush=True)
+            if val["nll"] < best_nll:
+                best_nll = val["nll"]
+                write_snapshot(out, "best", f"{epoch + 1:04d}", lambda folder: model.save(
+                    folder, vqvae.fingerprint(), **meta,
+                    metrics={"val_bits_per_code": nats_to_bits(val["nll"]), "val_accuracy": val["acc"],
+                             "unigram_bits_per_code": unigram, "epoch": epoch + 1}))
+
+            def write_last(folder: Path) -> None:
+                model.save(folder, vqvae.fingerprint(), **meta)
+                checkpoint.save_training_state(folder, optimizer, {"epoch": epoch, "best_nll": best_nll,
+                                                                   "history": history})
+
+            write_snapshot(out, "last", f"{epoch + 1:04d}", write_last)
+            write_history(out, history)
+            plot_curves(history, [("train_bits", "val_bits"), ("train_acc", "val_acc")], out / "curves.png",
+                        "PixelCNN prior training (bits per code, next-code accuracy)")
+    teardown(runtime)
+    return history[-1] if history else {}
+
+
+if __name__ == "__main__":
+    main()
