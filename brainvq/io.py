@@ -33,3 +33,11 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
     data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
     return atomic_write_bytes(path, lambda file: file.write(data))
+
+
+def write_report(result: dict, path: str | os.PathLike | None) -> dict:
+    """The benchmark convention: write the figures to ``path`` (if given), then print them as one JSON line."""
+    if path:
+        atomic_write_json(path, result)
+    print(json.dumps(result), flush=True)
+    return result

@@ -44,3 +44,31 @@ def entropy_bits(counts: torch.Tensor) -> float:
 
 def nats_to_bits(nll: float) -> float:
     return nll / math.log(2)
+
+
+BRAIN_THRESHOLD = 0.1     # pixels brighter than this (in [0,1]) count as brain
+MIN_COMPONENT = 50        # connected specks smaller than this many pixels are ignored
+
+
+def brain_regions(image: torch.Tensor) -> tuple[int, int]:
+    """(number of connected brain components of at least MIN_COMPONENT pixels, total brain area in pixels)."""
+    from scipy import ndimage
+
+    mask = image.detach().cpu().squeeze().numpy() > BRAIN_THRESHOLD
+    labels, count = ndimage.label(mask)
+    sizes = ndimage.sum_labels(mask, labels, range(1, count + 1)) if count else []
+    return int(sum(size >= MIN_COMPONENT for size in sizes)), int(mask.sum())
+
+
+def whole_brain(images: torch.Tensor, area_range: tuple[float, float]) -> list[bool]:
+    """Per image: one connected brain component whose area lies inside ``area_range`` (e.g. real 5th-95th pct)."""
+    low, high = area_range
+    return [count == 1 and low <= area <= high for count, area in map(brain_regions, images)]
+
+
+def brain_area_range(batches, low: float = 5, high: float = 95) -> tuple[float, float]:
+    """The (low, high) percentiles of brain area over real slices, given as an iterable of image batches."""
+    import numpy as np
+
+    areas = np.array([brain_regions(image)[1] for batch in batches for image in batch])
+    return float(np.percentile(areas, low)), float(np.percentile(areas, high))
