@@ -1,0 +1,259 @@
+"""BrainVQ demo: Gradio UI wiring only. The logic lives in brainvq.demo (uploads, reconstruction, generation,
+browsing, the shared model holder) and brainvq.hub (loading models from the Hub or a local folder).
+
+    python app.py [--data-dir DIR] [--hub-repo OWNER/NAME] [--revision REV] [--checkpoints DIR]
+                  [--allow-dir DIR ...] [--offline] [--host HOST] [--port PORT]
+
+Images are served as arrays (written to Gradio's own cache), never as paths: no data folder is exposed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+from gradio import utils as gradio_utils
+
+from brainvq import demo, hub
+from brainvq.checkpoint import CheckpointError
+
+ROOT = Path(__file__).resolve().parent
+QUEUE_CONCURRENCY = 4        # per event; generation gets 2 (it is CPU-bound), everything else queues behind
+GENERATE_CONCURRENCY = 2
+QUEUE_SIZE = 64              # waiting requests accepted: 16 users with a few clicks each
+MAX_FILE_SIZE = "10mb"
+SSIM_NOTE = " <small>(SSIM: data range 1, 11×11 Gaussian window, σ 1.5)</small>"
+
+
+@dataclass
+class Settings:
+    data_dir: str | None = None                    # None: $BRAINVQ_DATA, else the bundled samples
+    hub_repo: str | None = None                    # None: $BRAINVQ_HUB_REPO, else hub.DEFAULT_REPO_ID
+    revision: str = "main"
+    checkpoints: Path = ROOT / "checkpoints"       # fallback weights when the Hub is unreachable
+    allow_dirs: list[Path] = field(default_factory=list)
+    offline: bool = False                          # skip the Hub at startup
+    host: str | None = None                        # None: $GRADIO_SERVER_NAME, else 127.0.0.1
+    port: int | None = None                        # None: $GRADIO_SERVER_PORT, else 7860
+
+    def repo_id(self) -> str:
+        return self.hub_repo or os.environ.get("BRAINVQ_HUB_REPO") or hub.DEFAULT_REPO_ID
+
+    def allowed_roots(self) -> list[Path]:
+        """Folders the Models tab may load local checkpoints from: checkpoints/, ./runs and --allow-dir."""
+        return [Path(self.checkpoints), ROOT / "runs", *map(Path, self.allow_dirs)]
+
+
+def startup_models(settings: Settings) -> demo.ModelHolder:
+    """The Hub model, else the bundled one (with a notice); with neither, an empty holder saying why."""
+    if settings.offline:
+        os.environ["BRAINVQ_OFFLINE"] = "1"
+    try:
+        return demo.ModelHolder(hub.load_default(settings.repo_id(), settings.revision, Path(settings.checkpoints)))
+    except Exception as error:  # noqa: BLE001 - the app still starts, and the Models tab can load one
+        return demo.ModelHolder(None, f"No models could be loaded ({error}). Load a checkpoint in the Models tab.")
+
+
+def _notice(holder: demo.ModelHolder):
+    text = holder.notice
+    return gr.Markdown(f"⚠️ {text}" if text else "", visible=bool(text))
+
+
+def _problem(what: str, error: Exception) -> str:
+    """A user-facing error line, shown in the tab itself (not as a toast over emptied components)."""
+    return f"**{what}:** {error}"
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the project when inside it: what a visitor of a hosted demo can relate to."""
+    path = Path(path).resolve()
+    return f"{path.relative_to(ROOT)}/" if path.is_relative_to(ROOT) else str(path)
+
+
+def build_app(settings: Settings, holder: demo.ModelHolder | None = None,
+              samples: demo.SampleSet | None = None) -> gr.Blocks:
+    holder = holder or startup_models(settings)
+    samples = samples or demo.load_samples(settings.data_dir)
+    roots = settings.allowed_roots()
+
+    # ------------------------------------------------------------------ handlers (thin: call brainvq.demo)
+
+    def browse(query: str, class_label: str | None):
+        shown, status = demo.browse(samples, query, class_label)
+        return [(s.image, s.label) for s in shown], [s.key for s in shown], status
+
+    def select(keys: list[str], event: gr.SelectData):
+        return keys[event.index], gr.Tabs(selected="reconstruct")
+
+    def show(result: demo.Reconstruction, notes: str):
+        return result.original, result.code_grid, result.recon, f"**{result.summary()}**{SSIM_NOTE}", notes
+
+    def reconstruct_sample(key: str):
+        try:
+            item = samples.get(key)
+            result = demo.reconstruct(holder.require(), item.image)
+            return show(result, f"Slice **{item.label}** from {samples.source}.")
+        except demo.DemoError as error:
+            return None, None, None, "", _problem("Cannot reconstruct", error)
+
+    def reconstruct_upload(path: str | None):
+        try:
+            image, notes = demo.prepare_upload(path, upload_root=gradio_utils.get_upload_folder())
+            return show(demo.reconstruct(holder.require(), image), "Uploaded image: " + "; ".join(notes) + ".")
+        except demo.DemoError as error:
+            return None, None, None, "", _problem("Cannot use this upload", error)
+
+    def generate(n, temperature, top_k, seed):
+        try:
+            for frame in demo.generate_stream(holder.require(), n, temperature, top_k, seed):
+                yield frame.grid, (frame.images or []), frame.status()
+        except demo.DemoError as error:
+            yield None, [], _problem("Cannot generate", error)
+
+    def model_info():
+        return demo.describe_markdown(holder.bundle), _notice(holder)
+
+    def load(loader, what: str):
+        try:
+            holder.replace(loader)
+            status = f"**Loaded** {what}. Every session now uses these models."
+        except Exception as error:  # noqa: BLE001 - a failed load must never drop the models in use
+            if not isinstance(error, (hub.HubError, CheckpointError, ValueError, OSError)):
+                traceback.print_exc()  # unexpected: keep the trace in the server log, not in the page
+            status = f"**Load failed:** could not load {what}: {error}\n\nThe previous models are still in use."
+        return (status, *model_info())
+
+    def load_hub(repo_id: str, revision: str):
+        return load(lambda: hub.load_from_hub(hub.validate_repo_id(repo_id), hub.validate_revision(revision or "main")),
+                    f"{repo_id}@{revision or 'main'} from the Hub")
+
+    def load_local(folder: str):
+        return load(lambda: hub.load_local(folder, roots), f"local folder {folder!r}")
+
+    # ------------------------------------------------------------------ layout
+
+    initial, initial_keys, initial_status = browse("", None)
+    with gr.Blocks(title="BrainVQ", analytics_enabled=False, delete_cache=(1800, 3600)) as app:
+        gr.Markdown("# BrainVQ\nA VQ-VAE compresses a 256×256 brain MRI slice into a grid of discrete codes; "
+                    "a gated PixelCNN prior over those codes generates new slices.")
+        notice = _notice(holder)
+        with gr.Tabs(selected="browse") as tabs:
+            with gr.Tab("Browse", id="browse"):
+                with gr.Row():
+                    query = gr.Textbox(label="Filter", placeholder=demo.filter_help(samples.layout), scale=3)
+                    classes = gr.Dropdown(["All", *samples.classes()], value="All", label="Class",
+                                          visible=bool(samples.classes()), scale=1)
+                    filter_button = gr.Button("Filter", scale=0)
+                browse_status = gr.Markdown(initial_status)
+                if samples.notice:
+                    gr.Markdown(f"⚠️ {samples.notice}")
+                gallery = gr.Gallery(initial, label="Test slices: click one to reconstruct it", columns=6,
+                                     height=520, allow_preview=False, object_fit="contain", elem_id="browse-gallery")
+                keys = gr.State(initial_keys)
+
+            with gr.Tab("Reconstruct", id="reconstruct"):
+                with gr.Row():
+                    slice_key = gr.Textbox(label="Slice (pick one in Browse)", scale=3)
+                    slice_button = gr.Button("Reconstruct slice", variant="primary", scale=0)
+                    upload = gr.File(label="…or upload any image (PNG, JPEG, GIF, BMP, TIFF, WebP; ≤ 10 MB)",
+                                     type="filepath", scale=2, elem_id="upload")
+                with gr.Row():
+                    original = gr.Image(label="Original", format="png", height=256, elem_id="original")
+                    code_grid = gr.Image(label="Code grid", format="png", height=256, elem_id="code-grid")
+                    recon = gr.Image(label="Reconstruction", format="png", height=256, elem_id="recon")
+                metrics = gr.Markdown(elem_id="metrics")
+                notes = gr.Markdown(elem_id="notes")
+
+            with gr.Tab("Generate", id="generate"):
+                with gr.Row():
+                    n = gr.Slider(1, demo.MAX_SAMPLES, value=4, step=1, label="Number of samples")
+                    temperature = gr.Slider(0, demo.MAX_TEMPERATURE, value=1.0, step=0.05,
+                                            label="Temperature", info="0 = greedy")
+                    top_k = gr.Number(0, precision=0, label="Top-k", info="0 = off; at most K", minimum=0)
+                    seed = gr.Number(0, precision=0, label="Seed", minimum=0)
+                with gr.Row():
+                    generate_button = gr.Button("Generate", variant="primary")
+                    stop_button = gr.Button("Stop", variant="stop")
+                generate_status = gr.Markdown(elem_id="generate-status")
+                grid = gr.Image(label="Code grids, filling in", format="png", elem_id="generate-grid")
+                decoded = gr.Gallery(label="Decoded samples", columns=4, format="png", elem_id="generate-images",
+                                     allow_preview=False)
+
+            with gr.Tab("Models", id="models"):
+                models_info = gr.Markdown(demo.describe_markdown(holder.bundle), elem_id="models-info")
+                models_status = gr.Markdown(elem_id="models-status")
+                with gr.Row():
+                    repo = gr.Textbox(settings.repo_id(), label="Hub repository (owner/name)", scale=3)
+                    revision = gr.Textbox(settings.revision, label="Revision (branch, tag or commit)", scale=2)
+                    hub_button = gr.Button("Load from Hub", scale=1)
+                with gr.Row():
+                    folder = gr.Textbox(label="Local checkpoint folder (with vqvae/ and pixelcnn/)", scale=5,
+                                        placeholder=str(Path(settings.checkpoints)))
+                    local_button = gr.Button("Load local folder", scale=1)
+                gr.Markdown("Local folders must lie under: " + ", ".join(f"`{_shown(r)}`" for r in roots))
+
+        # -------------------------------------------------------------- events
+
+        browse_outputs = [gallery, keys, browse_status]
+        filter_button.click(browse, [query, classes], browse_outputs, api_name="browse")
+        query.submit(browse, [query, classes], browse_outputs, api_name="browse_submit", api_visibility="private")
+        classes.change(browse, [query, classes], browse_outputs, api_name="browse_class", api_visibility="private")
+
+        triptych = [original, code_grid, recon, metrics, notes]
+        gallery.select(select, keys, [slice_key, tabs], api_name="select", api_visibility="private").then(
+            reconstruct_sample, slice_key, triptych, api_name="reconstruct_selected", api_visibility="private")
+        slice_button.click(reconstruct_sample, slice_key, triptych, api_name="reconstruct_sample")
+        slice_key.submit(reconstruct_sample, slice_key, triptych, api_name="reconstruct_submit",
+                         api_visibility="private")
+        upload.upload(reconstruct_upload, upload, triptych, api_name="reconstruct_upload")
+
+        running = generate_button.click(generate, [n, temperature, top_k, seed], [grid, decoded, generate_status],
+                                        api_name="generate", concurrency_limit=GENERATE_CONCURRENCY)
+        stop_button.click(None, cancels=[running], api_name="stop", api_visibility="private")
+
+        model_outputs = [models_status, models_info, notice]
+        hub_button.click(load_hub, [repo, revision], model_outputs, api_name="load_hub", concurrency_limit=1)
+        local_button.click(load_local, folder, model_outputs, api_name="load_local", concurrency_limit=1)
+        app.load(model_info, None, [models_info, notice], api_name="model_info")
+    return app
+
+
+def launch(settings: Settings | None = None, **launch_kwargs) -> tuple[gr.Blocks, str]:
+    """Build, queue and start the app; returns it and its local URL. ``launch_kwargs`` go to Blocks.launch
+    (tests pass prevent_thread_lock=True)."""
+    settings = settings or Settings()
+    app = build_app(settings)
+    app.queue(default_concurrency_limit=QUEUE_CONCURRENCY, max_size=QUEUE_SIZE)
+    kwargs = dict(server_name=settings.host, server_port=settings.port, max_file_size=MAX_FILE_SIZE,
+                  show_error=False, footer_links=["api"])
+    kwargs.update(launch_kwargs)
+    _, url, _ = app.launch(**kwargs)
+    return app, url
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(description="BrainVQ demo (Gradio)")
+    parser.add_argument("--data-dir", default=os.environ.get("BRAINVQ_DATA"),
+                        help="data root whose test split the Browse tab shows (default $BRAINVQ_DATA; "
+                             "without one, the bundled samples in assets/samples)")
+    parser.add_argument("--hub-repo", default=None,
+                        help=f"Hub model repository (default $BRAINVQ_HUB_REPO or {hub.DEFAULT_REPO_ID})")
+    parser.add_argument("--revision", default="main", help="Hub revision: branch, tag or commit (default main)")
+    parser.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints",
+                        help="bundled weights used when the Hub is unreachable (default checkpoints/)")
+    parser.add_argument("--allow-dir", type=Path, action="append", default=[],
+                        help="extra folder the Models tab may load local checkpoints from (repeatable; "
+                             "checkpoints/ and ./runs are always allowed)")
+    parser.add_argument("--offline", action="store_true", help="do not contact the Hub at startup")
+    parser.add_argument("--host", default=None, help="address to listen on (default $GRADIO_SERVER_NAME or 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default $GRADIO_SERVER_PORT or 7860)")
+    args = parser.parse_args(argv)
+    return Settings(args.data_dir, args.hub_repo, args.revision, args.checkpoints, args.allow_dir, args.offline,
+                    args.host, args.port)
+
+
+if __name__ == "__main__":
+    launch(parse_args())

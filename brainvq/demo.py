@@ -1,0 +1,514 @@
+"""The demo's logic, independent of any UI: uploads, reconstruction, streamed generation, browsing, models.
+
+``app.py`` only wires these functions to Gradio components. Everything here takes and returns plain numpy
+arrays, strings and dataclasses, and raises ``DemoError`` subclasses (all ``ValueError``) whose messages are
+written for the person using the demo.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from brainvq import data
+from brainvq.metrics import psnr as _psnr
+from brainvq.metrics import ssim as _ssim
+from brainvq.sampling import sample
+from brainvq.visualize import colorize_codes, to_uint8
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SAMPLES_DIR = REPO_ROOT / "assets" / "samples"
+
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+MAX_PIXELS = 40_000_000
+SMALL_SIDE = 16            # smaller images are still processed, with a note that the result means little
+MAX_SAMPLES = 8
+MAX_TEMPERATURE = 2.0
+MAX_SEED = 2**63 - 1
+GALLERY_LIMIT = 48         # slices shown at once in the Browse gallery
+SUPPORTED = "PNG, JPEG, GIF, BMP, TIFF or WebP"
+
+
+class DemoError(ValueError):
+    """A request the demo cannot serve, with a message meant for the user (never a stack trace)."""
+
+
+class UploadError(DemoError):
+    """An uploaded file that cannot be turned into a slice."""
+
+
+class GenerationError(DemoError):
+    """Generation settings out of range, or no prior to sample from."""
+
+
+class NoModelError(DemoError):
+    """No models are loaded yet."""
+
+
+# ----------------------------------------------------------------------------- uploads
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1024 / 1024:.1f} MB"
+
+
+def prepare_upload(path: str | os.PathLike | None,
+                   upload_root: str | os.PathLike | None = None) -> tuple[np.ndarray, list[str]]:
+    """Read an uploaded image file into a uint8 256x256 slice, plus notes on what was done to it.
+
+    With ``upload_root`` (the server's upload folder) any path outside it is refused with the same message
+    as a missing file: defence in depth, as Gradio itself refuses input paths that were not uploaded.
+
+    Accepts any format and mode Pillow decodes (PNG, JPEG, GIF and TIFF first frame, BMP, WebP, 16-bit,
+    RGBA, palette, ...). Raises ``UploadError`` for a missing, empty, oversized or non-image file and for
+    images over ``MAX_PIXELS`` (decompression bombs are refused from the header, before decoding). Images
+    with a side under ``SMALL_SIDE`` pixels are processed, with a note that the result is mostly padding.
+    """
+    if path is None or str(path) == "":
+        raise UploadError("No file was uploaded: choose an image file.")
+    path = Path(path)
+    gone = UploadError("The uploaded file could not be read; please upload it again.")
+    if upload_root is not None and not _inside(path, Path(upload_root)):
+        raise gone
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise gone from None
+    if not path.is_file():
+        raise UploadError("The upload is not a file; please upload an image file.")
+    if size == 0:
+        raise UploadError("The uploaded file is empty (0 bytes); it is not an image.")
+    if size > MAX_UPLOAD_BYTES:
+        raise UploadError(f"The uploaded file is {_mb(size)}; the limit is {_mb(MAX_UPLOAD_BYTES)}. "
+                          "Upload a smaller image (a brain slice needs only 256x256 pixels).")
+    try:
+        # Image.open reads the header only; PIL raises DecompressionBombError past 2x its own limit, and
+        # our MAX_PIXELS check refuses anything bigger before a single pixel is decoded.
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise UploadError(_too_many_pixels(width, height))
+            notes = [f"read a {width}x{height} {image.format or 'image'} ({image.mode})"]
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                image.seek(0)
+                notes.append(f"used the first of its {frames} frames")
+            image.load()
+            if image.getexif().get(0x0112, 1) != 1:
+                image = ImageOps.exif_transpose(image)
+                notes.append("rotated it upright following its EXIF orientation tag")
+                width, height = image.size
+            if min(width, height) < SMALL_SIDE:
+                notes.append(f"warning: it is very small ({width}x{height}), so the slice is mostly black "
+                             "padding and its reconstruction says little about the model")
+            slice_, converted = data.to_slice(image)
+    except UploadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UploadError(_too_many_pixels(None, None)) from None
+    except UnidentifiedImageError:
+        raise UploadError(f"This file is not an image that can be read (expected {SUPPORTED}). "
+                          "PDFs, DICOM/NIfTI volumes and other documents are not supported.") from None
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as error:
+        raise UploadError(f"This image could not be decoded: it may be truncated, corrupt or use an unusual "
+                          f"encoding ({type(error).__name__}: {error}). Try re-saving it as PNG.") from None
+    notes.extend(converted)
+    if len(notes) == 1:
+        notes.append("already a 256x256 grayscale slice: used as is")
+    return slice_, notes
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path, root = path.resolve(), root.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+    return path != root and root in path.parents
+
+
+def _too_many_pixels(width: int | None, height: int | None) -> str:
+    dims = f"{width}x{height} = {width * height:,} pixels" if width and height else "too many pixels"
+    return (f"The image is too large ({dims}); the limit is {MAX_PIXELS:,} pixels. "
+            "Downscale it before uploading (a brain slice needs only 256x256 pixels).")
+
+
+# ----------------------------------------------------------------------------- reconstruction
+
+
+@dataclass
+class Reconstruction:
+    """original | code grid | reconstruction, with the SSIM and PSNR of the reconstruction."""
+
+    original: np.ndarray    # uint8 (256,256)
+    codes: np.ndarray       # int64 (h,w) code indices
+    code_grid: np.ndarray   # uint8 (256,256,3)
+    recon: np.ndarray       # uint8 (256,256)
+    ssim: float
+    psnr: float
+
+    def summary(self) -> str:
+        return f"SSIM {self.ssim:.4f} · PSNR {self.psnr:.2f} dB"
+
+
+def require_bundle(bundle):
+    if bundle is None:
+        raise NoModelError("No models are loaded. Load a checkpoint folder or a Hub repository in the Models tab.")
+    return bundle
+
+
+def reconstruct(bundle, slice_uint8: np.ndarray) -> Reconstruction:
+    """Encode a uint8 256x256 slice to codes and decode it back; SSIM uses brainvq.metrics' one definition."""
+    vqvae = require_bundle(bundle).vqvae
+    original = np.ascontiguousarray(slice_uint8, dtype=np.uint8)
+    if original.shape != (data.IMAGE_SIZE, data.IMAGE_SIZE):
+        raise DemoError(f"A slice must be {data.IMAGE_SIZE}x{data.IMAGE_SIZE}, not {original.shape}.")
+    device = next(vqvae.parameters()).device
+    x = torch.from_numpy(original.astype(np.float32) / 255.0)[None, None].to(device)
+    with torch.no_grad():
+        codes = vqvae.encode(x)
+        recon = vqvae.decode(codes).clamp(0, 1).float()
+    score = float(_ssim(recon, x, per_image=True)[0])
+    peak = float(_psnr(recon, x)[0])
+    grid = colorize_codes(codes[0], vqvae.cfg.num_codes, size=data.IMAGE_SIZE)
+    return Reconstruction(original, codes[0].cpu().numpy(), grid, to_uint8(recon[0]), score, peak)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@dataclass
+class GenerationFrame:
+    """One streamed step: the mosaic of the n partly filled code grids; ``images`` only on the last frame."""
+
+    grid: np.ndarray                      # uint8 RGB mosaic
+    filled: int                           # positions filled per sample
+    total: int
+    seed: int
+    images: list[np.ndarray] | None = None  # decoded uint8 (256,256) brains, final frame only
+
+    @property
+    def done(self) -> bool:
+        return self.images is not None
+
+    def status(self) -> str:
+        if self.done:
+            return f"Done: {len(self.images)} sample(s), seed {self.seed}."
+        return f"Sampling codes… {self.filled}/{self.total} positions ({100 * self.filled // self.total}%)"
+
+
+def _as_int(value, name: str) -> int:
+    if value is None or isinstance(value, bool):
+        raise GenerationError(f"{name} must be a whole number.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise GenerationError(f"{name} must be a whole number, not {value!r}.") from None
+    if not math.isfinite(number) or number != int(number):
+        raise GenerationError(f"{name} must be a whole number, not {value!r}.")
+    return int(number)
+
+
+def check_generation(n, temperature, top_k, seed, num_codes: int) -> tuple[int, float, int | None, int]:
+    """Validate generation settings; returns (n, temperature, top_k or None when off, seed)."""
+    n = _as_int(n, "The number of samples")
+    if not 1 <= n <= MAX_SAMPLES:
+        raise GenerationError(f"The number of samples must be between 1 and {MAX_SAMPLES}, not {n}.")
+    try:
+        temperature = float(temperature)
+    except (TypeError, ValueError):
+        raise GenerationError(f"Temperature must be a number between 0 and {MAX_TEMPERATURE}.") from None
+    if not 0.0 <= temperature <= MAX_TEMPERATURE:  # also catches NaN
+        raise GenerationError(f"Temperature must be between 0 and {MAX_TEMPERATURE:g} (0 = greedy), "
+                              f"not {temperature:g}.")
+    top_k = _as_int(top_k, "Top-k")
+    if not 0 <= top_k <= num_codes:
+        raise GenerationError(f"Top-k must be between 0 (off) and K = {num_codes}, not {top_k}.")
+    seed = _as_int(seed, "The seed")
+    if not 0 <= seed <= MAX_SEED:
+        raise GenerationError(f"The seed must be between 0 and {MAX_SEED}, not {seed}.")
+    return n, temperature, (top_k or None), seed
+
+
+def mosaic(grids: Sequence[np.ndarray], columns: int = 4, gap: int = 4) -> np.ndarray:
+    """Tile equally sized RGB images into rows of ``columns`` with a white gap."""
+    h, w, _ = grids[0].shape
+    cols = min(columns, len(grids))
+    rows = math.ceil(len(grids) / cols)
+    out = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, dtype=np.uint8)
+    for index, grid in enumerate(grids):
+        r, c = divmod(index, cols)
+        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = grid
+    return out
+
+
+def _grid_mosaic(codes: torch.Tensor, num_codes: int) -> np.ndarray:
+    codes = codes.cpu().numpy()
+    return mosaic([colorize_codes(c, num_codes, size=data.IMAGE_SIZE, filled=c >= 0) for c in codes])
+
+
+def generate_stream(bundle, n: int = 4, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
+                    every: int | None = None) -> Iterator[GenerationFrame]:
+    """Sample ``n`` code grids with the fast sampler, yielding the mosaic as it fills in, then decode.
+
+    ``every`` positions between frames (default: one frame per grid row); ``top_k`` 0 means off. The last
+    frame carries the decoded images. Settings are validated before any work starts.
+    """
+    bundle = require_bundle(bundle)
+    if bundle.prior is None:
+        raise GenerationError("The loaded models have no PixelCNN prior, so they cannot generate. Load a bundle "
+                              "with a pixelcnn/ folder in the Models tab; Reconstruct still works.")
+    num_codes = bundle.vqvae.cfg.num_codes
+    n, temperature, top_k, seed = check_generation(n, temperature, top_k, seed, num_codes)
+    size = bundle.prior.cfg.grid_size
+    if every is not None and (not isinstance(every, int) or every < 1):
+        raise GenerationError(f"every must be a positive number of positions, not {every!r}.")
+    progress = None
+    for progress in sample(bundle.prior, n, temperature, top_k, seed, method="fast", every=every or size):
+        if not progress.done:
+            yield GenerationFrame(_grid_mosaic(progress.codes, num_codes), progress.filled, progress.total, seed)
+    codes = progress.codes.to(next(bundle.vqvae.parameters()).device)
+    with torch.no_grad():
+        decoded = bundle.vqvae.decode(codes)
+    yield GenerationFrame(_grid_mosaic(progress.codes, num_codes), progress.filled, progress.total, seed,
+                          images=[to_uint8(image) for image in decoded])
+
+
+# ----------------------------------------------------------------------------- browsing
+
+
+@dataclass(eq=False)
+class SampleSlice:
+    """One slice to browse: its pixels and what is known about it."""
+
+    key: str                 # stable id: path relative to the data folder, or the bundled file name
+    image: np.ndarray        # uint8 (256,256), possibly a memory-mapped row
+    label: str               # caption
+    name: str                # file name without suffix
+    case: str | None = None
+    slice_index: int | None = None
+    class_label: str | None = None
+
+
+@dataclass
+class SampleSet:
+    """The slices the Browse tab offers, and where they come from."""
+
+    samples: list[SampleSlice]
+    source: str
+    layout: str                       # "oasis", "folder" or "bundled"
+    notice: str | None = None         # why the configured data folder was not used
+    _by_key: dict[str, SampleSlice] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self._by_key = {s.key: s for s in self.samples}
+
+    def get(self, key: str | None) -> SampleSlice:
+        if not key or key not in self._by_key:
+            raise DemoError("Pick a slice in the Browse tab first." if not key else f"No slice named {key!r}.")
+        return self._by_key[key]
+
+    def classes(self) -> list[str]:
+        return sorted({s.class_label for s in self.samples if s.class_label})
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    return name[:-len(".nii.png")] if name.endswith(".nii.png") else Path(name).stem
+
+
+def samples_from_split(split: data.SliceSet) -> list[SampleSlice]:
+    out = []
+    for index, item in enumerate(split.items):
+        if item.case is not None:
+            label = f"case {item.case} · slice {item.slice_index}"
+        else:
+            label = f"{item.label} · {_stem(item.path)}" if item.label else _stem(item.path)
+        out.append(SampleSlice(item.path, split.images[index], label, _stem(item.path), item.case,
+                               item.slice_index, item.label))
+    return out
+
+
+def bundled_samples(folder: Path = SAMPLES_DIR) -> list[SampleSlice]:
+    """The slices shipped in assets/samples, named ``<Class>_<name>.<ext>``."""
+    out = []
+    for path in sorted(p for p in folder.glob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES):
+        class_label, _, name = path.stem.partition("_")
+        if not name:
+            class_label, name = None, path.stem
+        label = f"{class_label} · {name}" if class_label else name
+        out.append(SampleSlice(path.name, data.read_slice(path), label, name, class_label=class_label))
+    return out
+
+
+def load_samples(data_dir: str | os.PathLike | None = None, samples_dir: Path = SAMPLES_DIR) -> SampleSet:
+    """The test split of the data folder (``data_dir``, else $BRAINVQ_DATA, else ./keras_png_slices_data)
+    when it is there, else the bundled samples; a notice says why a folder that was asked for is not used."""
+    asked = data_dir or os.environ.get("BRAINVQ_DATA")
+    root = data.resolve_data_dir(data_dir)
+    notice = None
+    if asked or root.exists():
+        try:
+            split = data.load_split(root, "test")
+            return SampleSet(samples_from_split(split), f"test split of {root.name}/ ({len(split)} slices)",
+                             split.layout)
+        except data.DataError as error:
+            reason = str(error).splitlines()[0]
+            notice = f"The data folder could not be used, so the bundled samples are shown: {reason}"
+    samples = bundled_samples(samples_dir)
+    return SampleSet(samples, f"{len(samples)} bundled test slices (assets/samples)", "bundled", notice)
+
+
+_RANGE = re.compile(r"^(\d+)\s*-\s*(\d+)$")
+
+
+def _match_number(value, wanted: str) -> bool:
+    if value is None:
+        return False
+    match = _RANGE.match(wanted)
+    try:
+        number = int(value)
+        if match:
+            return int(match.group(1)) <= number <= int(match.group(2))
+        return number == int(wanted)
+    except ValueError:
+        return wanted.lower() in str(value).lower()
+
+
+def _loose(text: str) -> str:
+    """Lower case with every run of other characters as one '-': "26 (19).jpg" and "26-19" meet."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def filter_samples(samples: Sequence[SampleSlice], query: str = "",
+                   class_label: str | None = None) -> list[SampleSlice]:
+    """Slices matching every term of ``query`` and the class ``class_label`` (None, "" or "All" = any).
+
+    Terms: ``case:12`` (OASIS case, leading zeros ignored), ``slice:20`` or ``slice:20-30`` (slice index or
+    range), ``class:Mild`` (class label contains), anything else: contained in the caption or file name.
+    Terms are separated by spaces or commas; matching ignores case.
+    """
+    terms = [t for t in re.split(r"[\s,]+", (query or "").strip()) if t]
+    want_class = None if class_label in (None, "", "All") else class_label.lower()
+    out = []
+    for s in samples:
+        if want_class is not None and (s.class_label or "").lower() != want_class:
+            continue
+        ok = True
+        for term in terms:
+            key, sep, value = term.partition(":")
+            key = key.lower()
+            if sep and key == "case":
+                ok = _match_number(s.case, value)
+            elif sep and key == "slice":
+                ok = _match_number(s.slice_index, value)
+            elif sep and key == "class":
+                ok = value.lower() in (s.class_label or "").lower()
+            else:
+                text, loose = term.lower(), _loose(term)
+                ok = any(text in t.lower() or (loose and loose in _loose(t)) for t in (s.label, s.key))
+            if not ok:
+                break
+        if ok:
+            out.append(s)
+    return out
+
+
+def browse(samples: SampleSet, query: str = "", class_label: str | None = None,
+           limit: int = GALLERY_LIMIT) -> tuple[list[SampleSlice], str]:
+    """The first ``limit`` matching slices, and a status line saying how many matched and where they come from."""
+    found = filter_samples(samples.samples, query, class_label)
+    shown = found[:limit]
+    more = f"; showing the first {len(shown)}" if len(found) > len(shown) else ""
+    return shown, f"{len(found)} of {len(samples)} slices match{more} · {samples.source}"
+
+
+def filter_help(layout: str) -> str:
+    if layout == "oasis":
+        return "Filter by `case:12`, `slice:20` or `slice:20-30`, or any text in the caption."
+    return "Filter by class (menu or `class:Mild`) or by any text in the file name, e.g. `26-19`."
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class ModelHolder:
+    """The models every session uses. A reload replaces them for everyone; a failed load keeps the old ones.
+
+    Loads are serialised by a lock; readers take the current bundle without waiting (the swap is one
+    assignment), and a generation that started on the old bundle finishes on it.
+    """
+
+    def __init__(self, bundle=None, startup_notice: str | None = None):
+        self._bundle = bundle
+        self._startup_notice = startup_notice
+        self._lock = threading.Lock()
+
+    @property
+    def bundle(self):
+        return self._bundle
+
+    def require(self):
+        return require_bundle(self._bundle)
+
+    @property
+    def notice(self) -> str | None:
+        """The fallback notice of the current bundle, or why nothing is loaded."""
+        if self._bundle is None:
+            return self._startup_notice
+        return self._bundle.notice
+
+    def replace(self, load: Callable[[], object]):
+        """Run ``load`` (one at a time) and install its bundle; any exception leaves the old bundle in place."""
+        with self._lock:
+            bundle = load()
+            self._bundle = bundle
+            return bundle
+
+
+_HIDDEN = {"notice", "grid_size", "has_prior", "folder"}  # notice: own banner; the rest: redundant with source
+_LABELS = {"K": "codes (K)", "D": "code dimension (D)", "grid": "code grid", "vqvae_params": "VQ-VAE parameters",
+           "prior_params": "PixelCNN parameters", "vqvae_fingerprint": "VQ-VAE fingerprint", "data": "training data"}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value) or "—"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _rows(prefix: str, value) -> list[tuple[str, str]]:
+    if value is None or value == {}:
+        return []
+    if isinstance(value, dict):
+        return [row for key, sub in value.items() for row in _rows(f"{prefix} · {key}" if prefix else key, sub)]
+    return [(prefix, _fmt(value))]
+
+
+def describe_markdown(bundle) -> str:
+    """A Markdown table of ``bundle.describe()``: source, K, D, grid, parameter counts, metrics, training data."""
+    if bundle is None:
+        return "**No models loaded.** Load a checkpoint folder or a Hub repository below."
+    info = bundle.describe()
+    rows = []
+    for key, value in info.items():
+        if key not in _HIDDEN:
+            rows += _rows(_LABELS.get(key, key), value)
+    lines = ["| property | value |", "|---|---|"] + [f"| {k.replace('_', ' ')} | {v} |" for k, v in rows]
+    if bundle.prior is None:
+        lines.append("\n*This bundle has no PixelCNN prior: Generate is unavailable.*")
+    return "\n".join(lines)

@@ -1,0 +1,389 @@
+"""The demo: brainvq.demo's logic, and app.py served in-process and driven through gradio_client.
+
+Real tiny models (K=16, 64x64 grid) are built and saved into a temporary checkpoints folder; the app runs
+offline on 127.0.0.1 with a tiny plain-folder data set, and every public endpoint is called over HTTP.
+"""
+from __future__ import annotations
+
+import io
+import re
+import socket
+import struct
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from brainvq import demo, hub
+from brainvq.pixelcnn import GatedPixelCNN, PixelCNNConfig
+from brainvq.vqvae import VQVAE, VQVAEConfig
+from helpers import brain_slice, make_folder_tree
+
+gradio_client = pytest.importorskip("gradio_client")
+pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting':Warning"),  # gradio's pandas use
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated:Warning")]
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402  (gradio.Error from a component bound)
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def save_tiny_bundle(folder: Path, seed: int, prior: bool = True) -> Path:
+    """A real (untrained) VQ-VAE + PixelCNN pair small enough to sample a 64x64 grid in well under a second."""
+    torch.manual_seed(seed)
+    vq = VQVAE(VQVAEConfig(num_codes=16, code_dim=8, widths=(8, 8), res_width=8, num_res_blocks=1)).eval()
+    vq.save(folder / "vqvae", metrics={"val_ssim": 0.5 + seed / 100})
+    if prior:
+        net = GatedPixelCNN(PixelCNNConfig(num_codes=16, grid_size=64, channels=8, embed_dim=8, num_layers=2,
+                                           pos_dim=2, head_channels=8))
+        net.save(folder / "pixelcnn", vq.fingerprint())
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_image(path: Path, array: np.ndarray, mode: str | None = None, **save) -> Path:
+    Image.fromarray(array, mode).save(path, **save) if mode else Image.fromarray(array).save(path, **save)
+    return path
+
+
+def constant_png(path: Path, width: int, height: int) -> Path:
+    """A huge all-black grayscale PNG written row by row (a few hundred KB), without building it in memory."""
+    raw = zlib.compressobj(9)
+    row = b"\x00" + b"\x00" * width
+    body = b"".join(raw.compress(row) for _ in range(height)) + raw.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+SLICE = brain_slice(208, 176, seed=3)
+
+
+@pytest.fixture
+def uploads(tmp_path) -> dict[str, Path]:
+    """Good images in many formats and modes, named by what they exercise."""
+    rgb = np.stack([SLICE, SLICE // 2, SLICE], -1)
+    files = {
+        "png_l": write_image(tmp_path / "l.png", SLICE),
+        "jpeg_rgb": write_image(tmp_path / "rgb.jpg", rgb, quality=90),
+        "bmp": write_image(tmp_path / "x.bmp", rgb),
+        "webp": write_image(tmp_path / "x.webp", SLICE),
+        "tiff16": write_image(tmp_path / "x16.tif", SLICE.astype(np.uint16) * 257),
+        "png16": write_image(tmp_path / "x16.png", SLICE.astype(np.uint16) * 257),
+        "rgba": write_image(tmp_path / "rgba.png", np.dstack([rgb, np.full_like(SLICE, 128)]), "RGBA"),
+        "palette": tmp_path / "p.png",
+        "gif": tmp_path / "anim.gif",
+        "tiny": write_image(tmp_path / "one.png", np.array([[200]], np.uint8)),
+        "big": write_image(tmp_path / "big.png", np.kron(SLICE, np.ones((12, 12), np.uint8))),  # 2112x2496
+        "cmyk": tmp_path / "cmyk.jpg",
+    }
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=32).save(files["palette"])
+    frames = [Image.fromarray(np.roll(SLICE, 10 * i, 1)).convert("P") for i in range(3)]
+    frames[0].save(files["gif"], save_all=True, append_images=frames[1:], duration=100)
+    Image.fromarray(rgb).convert("CMYK").save(files["cmyk"])
+    return files
+
+
+@pytest.fixture
+def bad_uploads(tmp_path) -> dict[str, tuple[Path, str]]:
+    """Files that must be refused, with a phrase the message must contain."""
+    rng = np.random.default_rng(0)
+    truncated = io.BytesIO()
+    Image.fromarray(SLICE).save(truncated, format="PNG")
+    files = {
+        "random": (tmp_path / "noise.png", rng.bytes(5000), "not an image"),
+        "empty": (tmp_path / "empty.png", b"", "empty"),
+        "pdf": (tmp_path / "scan.pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer\n%%EOF\n",
+                "not an image"),
+        "truncated": (tmp_path / "cut.png", truncated.getvalue()[:600], "could not be decoded"),
+        "too_big_file": (tmp_path / "huge.bin", b"\x89PNG" + rng.bytes(demo.MAX_UPLOAD_BYTES), "limit is 10.0 MB"),
+    }
+    out = {}
+    for name, (path, blob, phrase) in files.items():
+        path.write_bytes(blob)
+        out[name] = (path, phrase)
+    out["bomb"] = (constant_png(tmp_path / "bomb.png", 10_000, 10_000), "too large")
+    out["missing"] = (tmp_path / "nothing-here.png", "could not be read")
+    return out
+
+
+# ----------------------------------------------------------------------------- demo.py, no server
+
+
+def test_prepare_upload_reads_many_formats(uploads):
+    expected = {"tiff16": "rescaled", "png16": "rescaled", "rgba": "transparency", "gif": "first of its 3 frames",
+                "tiny": "very small", "big": "resized 2112x2496", "palette": "converted P", "cmyk": "CMYK",
+                "jpeg_rgb": "converted RGB", "png_l": "centre-padded 176x208"}
+    for name, path in uploads.items():
+        image, notes = demo.prepare_upload(path)
+        assert image.shape == (256, 256) and image.dtype == np.uint8, name
+        assert notes and notes[0].startswith("read a"), (name, notes)
+        if name in expected:
+            assert any(expected[name] in note for note in notes), (name, notes)
+    png16, _ = demo.prepare_upload(uploads["png16"])
+    png8, _ = demo.prepare_upload(uploads["png_l"])
+    assert np.abs(png16.astype(int) - png8).max() <= 1  # 16-bit is rescaled, not clipped
+    exact, notes = demo.prepare_upload(write_image(uploads["png_l"].with_name("full.png"), brain_slice(256, 256, 1)))
+    assert np.array_equal(exact, brain_slice(256, 256, 1)) and "used as is" in notes[-1]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_prepare_upload_refuses_with_clear_messages(bad_uploads, tmp_path):
+    for name, (path, phrase) in bad_uploads.items():
+        with pytest.raises(demo.UploadError) as caught:
+            demo.prepare_upload(path)
+        message = str(caught.value)
+        assert phrase in message, (name, message)
+        assert "Traceback" not in message and len(message) < 400, (name, message)
+    inside = tmp_path / "uploads" / "abc"
+    inside.mkdir(parents=True)
+    good = write_image(inside / "ok.png", SLICE)
+    assert demo.prepare_upload(good, upload_root=tmp_path / "uploads")[0].shape == (256, 256)
+    outside = write_image(tmp_path / "outside.png", SLICE)
+    for path in (outside, inside / ".." / ".." / "outside.png", tmp_path / "missing.png", Path("/etc/passwd")):
+        with pytest.raises(demo.UploadError, match="could not be read; please upload it again"):
+            demo.prepare_upload(path, upload_root=tmp_path / "uploads")
+    with pytest.raises(demo.UploadError, match="No file"):
+        demo.prepare_upload(None)
+    with pytest.raises(demo.UploadError, match="not a file"):
+        demo.prepare_upload(tmp_path)
+
+
+def test_samples_browse_and_filter(oasis_tree, folder_tree, tmp_path):
+    bundled = demo.load_samples(None)
+    assert bundled.layout == "bundled" and len(bundled) == 48 and bundled.notice is None
+    assert bundled.classes() == ["MildDemented", "ModerateDemented", "NonDemented", "VeryMildDemented"]
+    assert all(s.image.shape == (256, 256) for s in bundled.samples)
+    assert len(demo.filter_samples(bundled.samples, "", "ModerateDemented")) == 12
+    assert [s.key for s in demo.filter_samples(bundled.samples, "class:mild 26-19")] == ["MildDemented_26-19.jpg"]
+
+    oasis = demo.load_samples(oasis_tree)
+    assert oasis.layout == "oasis" and len(oasis) == 6  # 2 test cases x 3 slices
+    case = oasis.samples[0].case
+    assert {s.case for s in demo.filter_samples(oasis.samples, f"case:{int(case)}")} == {case}
+    assert {s.slice_index for s in demo.filter_samples(oasis.samples, "slice:1-2")} == {1, 2}
+    assert demo.filter_samples(oasis.samples, "case:999") == []
+
+    spaced = tmp_path / "spaced"
+    make_folder_tree(spaced, test_count=1)
+    (spaced / "test" / "test_000.png").rename(spaced / "test" / "26 (19).png")
+    assert [s.key for s in demo.filter_samples(demo.load_samples(spaced).samples, "26-19")] == ["test/26 (19).png"]
+
+    folder = demo.load_samples(folder_tree)
+    assert folder.layout == "folder" and [s.key for s in demo.filter_samples(folder.samples, "test_004")] == [
+        "test/test_004.png"]
+    broken = demo.load_samples(tmp_path / "no-such-folder")
+    assert broken.layout == "bundled" and "could not be used" in broken.notice
+
+
+def test_reconstruct_generate_and_validation(tmp_path):
+    bundle = hub.load_bundle(save_tiny_bundle(tmp_path / "b", seed=0))
+    result = demo.reconstruct(bundle, brain_slice(256, 256, 2))
+    assert result.codes.shape == (64, 64) and result.code_grid.shape == (256, 256, 3)
+    assert result.recon.shape == (256, 256) and result.original.shape == (256, 256)
+    assert 0 < result.ssim <= 1 and result.psnr > 0
+    frames = list(demo.generate_stream(bundle, n=3, temperature=1.0, top_k=4, seed=5, every=32))
+    assert len(frames) == 128 and all(not f.done for f in frames[:-1]) and frames[-1].done
+    assert frames[0].grid.shape == (256, 3 * 256 + 2 * 4, 3) and frames[-1].filled == 4096
+    assert len(frames[-1].images) == 3 and frames[-1].images[0].shape == (256, 256)
+    again = list(demo.generate_stream(bundle, n=3, temperature=1.0, top_k=4, seed=5))
+    assert np.array_equal(again[-1].grid, frames[-1].grid)  # same seed, same samples
+    for kwargs, phrase in [({"n": 0}, "between 1 and 8"), ({"n": 9}, "between 1 and 8"), ({"n": 1.5}, "whole"),
+                           ({"temperature": 2.5}, "between 0 and 2"), ({"temperature": float("nan")}, "between 0"),
+                           ({"top_k": 17}, "K = 16"), ({"top_k": -1}, "Top-k"), ({"seed": -3}, "seed"),
+                           ({"seed": None}, "whole")]:
+        with pytest.raises(demo.GenerationError, match=phrase):
+            next(demo.generate_stream(bundle, **{"n": 1, "temperature": 1.0, "top_k": 0, "seed": 0, **kwargs}))
+    no_prior = hub.load_bundle(save_tiny_bundle(tmp_path / "vq-only", seed=0, prior=False))
+    with pytest.raises(demo.GenerationError, match="no PixelCNN prior"):
+        next(demo.generate_stream(no_prior, 1, 1.0, 0, 0))
+    with pytest.raises(demo.NoModelError):
+        demo.reconstruct(None, result.original)
+    assert "no PixelCNN prior" in demo.describe_markdown(no_prior)
+
+
+# ----------------------------------------------------------------------------- the app over HTTP
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """app.py launched in-process (offline, tiny models, tiny data set) and a gradio_client.Client for it."""
+    import app
+
+    root = tmp_path_factory.mktemp("app")
+    checkpoints = save_tiny_bundle(root / "checkpoints", seed=0)
+    save_tiny_bundle(checkpoints / "other", seed=1)
+    save_tiny_bundle(root / "outside", seed=2)
+    data_dir = make_folder_tree(root / "data", per_class=2, test_count=6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BRAINVQ_OFFLINE", "1")
+        mp.setenv("BRAINVQ_CACHE", str(root / "cache"))
+        mp.setenv("GRADIO_TEMP_DIR", str(root / "gradio"))
+        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        mp.setenv("HF_HUB_CACHE", str(root / "hf-cache"))
+        settings = app.Settings(data_dir=str(data_dir), checkpoints=checkpoints, offline=True, host="127.0.0.1",
+                                port=free_port())
+        blocks, url = app.launch(settings, prevent_thread_lock=True, quiet=True)
+        try:
+            client = Client(url, verbose=False, download_files=str(root / "downloads"))
+            yield {"url": url, "client": client, "root": root, "checkpoints": checkpoints, "data": data_dir,
+                   "mp": mp}
+        finally:
+            blocks.close()
+
+
+def read(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def ssim_of(text: str) -> float:
+    return float(re.search(r"SSIM ([0-9.]+)", text).group(1))
+
+
+def test_app_browse_and_reconstruct(served, tmp_path):
+    client = served["client"]
+    gallery, status = client.predict("", "All", api_name="/browse")
+    assert len(gallery) == 6 and "6 of 6 slices" in status
+    assert read(gallery[0]["image"]).shape[:2] == (256, 256)
+    gallery, status = client.predict("test_002", "All", api_name="/browse")
+    assert [item["caption"] for item in gallery] == ["test_002"] and "1 of 6" in status
+
+    original, grid, recon, metrics, notes = client.predict("test/test_002.png", api_name="/reconstruct_sample")
+    assert read(original).shape == (256, 256) and read(grid).shape == (256, 256, 3) and read(recon).shape == (256, 256)
+    assert 0 < ssim_of(metrics) <= 1 and "PSNR" in metrics and "test_002" in notes
+
+    rgba = np.dstack([np.stack([SLICE] * 3, -1), np.full_like(SLICE, 200)])
+    path = write_image(tmp_path / "upload.png", rgba, "RGBA")
+    original, grid, recon, metrics, notes = client.predict(handle_file(str(path)), api_name="/reconstruct_upload")
+    assert read(recon).shape == (256, 256) and 0 < ssim_of(metrics) <= 1
+    assert "transparency" in notes and "centre-padded 176x208" in notes
+
+    *images, metrics, notes = client.predict("../../etc/passwd", api_name="/reconstruct_sample")
+    assert images == [None, None, None] and metrics == "" and "No slice named" in notes
+
+
+def test_app_refuses_bad_uploads(served, tmp_path):
+    client = served["client"]
+    noise = tmp_path / "noise.png"
+    noise.write_bytes(np.random.default_rng(1).bytes(4096))
+    pdf = tmp_path / "paper.pdf"
+    pdf.write_bytes(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n%%EOF\n")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    for path, phrase in [(noise, "not an image"), (pdf, "not an image"), (empty, "empty")]:
+        *images, metrics, notes = client.predict(handle_file(str(path)), api_name="/reconstruct_upload")
+        assert images == [None, None, None] and metrics == "", notes
+        assert notes.startswith("**Cannot use this upload:**") and phrase in notes and "Traceback" not in notes
+
+
+def raw_call(url: str, api_name: str, data: list) -> str:
+    """Call an endpoint over plain HTTP (no gradio_client, which would upload local paths itself)."""
+    with httpx.Client(timeout=30) as http:
+        event = http.post(f"{url.rstrip('/')}/gradio_api/call/{api_name}", json={"data": data}).json()["event_id"]
+        return http.get(f"{url.rstrip('/')}/gradio_api/call/{api_name}/{event}").text
+
+
+def test_app_upload_cannot_name_server_files(served):
+    """A FileData path naming a file on the server (not uploaded) is refused before the app sees it."""
+    for target in (served["data"] / "test" / "test_000.png", Path("/etc/passwd")):
+        payload = [{"path": str(target), "meta": {"_type": "gradio.FileData"}}]
+        stream = raw_call(served["url"], "reconstruct_upload", payload)
+        assert "event: error" in stream and "SSIM" not in stream and "Uploaded image" not in stream, stream
+    ok = raw_call(served["url"], "reconstruct_sample", ["test/test_001.png"])  # the same route works otherwise
+    assert "event: complete" in ok and "SSIM" in ok
+
+
+def test_app_generate_streams_grids_then_images(served):
+    client = served["client"]
+    job = client.submit(2, 1.0, 0, 11, api_name="/generate")
+    job.result(timeout=120)
+    outputs = job.outputs()
+    statuses = [out[2] for out in outputs]
+    intermediate = [out for out in outputs if "Sampling codes" in out[2]]
+    assert len(intermediate) >= 5, statuses
+    grids = {read(out[0]).tobytes() for out in intermediate}
+    assert len(grids) >= 5  # the grid really fills in
+    assert all(out[1] in (None, []) for out in intermediate)
+    grid, images, status = outputs[-1]
+    assert status.startswith("Done: 2 sample(s)") and len(images) == 2
+    assert read(images[0]["image"]).shape[:2] == (256, 256) and read(grid).shape == (256, 2 * 256 + 4, 3)
+    with pytest.raises(AppError, match="greater than maximum value 2"):  # the slider's own bound check
+        client.predict(1, 2.5, 0, 0, api_name="/generate")
+    grid, images, status = client.predict(1, 1.0, 99, 0, api_name="/generate")
+    assert grid is None and not images and "Top-k must be between 0 (off) and K = 16" in status
+
+
+def test_app_models_tab(served):
+    client, root, checkpoints = served["client"], served["root"], served["checkpoints"]
+    info, _notice = client.predict(api_name="/model_info")
+    assert "codes (K) | 16" in info and "code grid | 64x64" in info and "Offline" in str(_notice)
+    start = info
+
+    status, info, _ = client.predict(str(checkpoints / "other"), api_name="/load_local")
+    assert status.startswith("**Loaded**") and "other" in info and info != start
+    other = info
+
+    status, info, _ = client.predict(str(root / "outside"), api_name="/load_local")
+    assert status.startswith("**Load failed:**") and "not inside an allowed checkpoint folder" in status
+    assert info == other
+    status, info, _ = client.predict("/etc", api_name="/load_local")
+    assert status.startswith("**Load failed:**") and info == other
+    status, info, _ = client.predict(str(checkpoints / "no-such-bundle"), api_name="/load_local")
+    assert status.startswith("**Load failed:**") and "previous models are still in use" in status and info == other
+
+    mp = served["mp"]
+    mp.delenv("BRAINVQ_OFFLINE")
+    mp.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    try:
+        status, info, _ = client.predict("someone/brainvq", "main", api_name="/load_hub")
+        assert status.startswith("**Load failed:**") and "cannot reach the Hugging Face Hub" in status and info == other
+        status, info, _ = client.predict("not a repo id", "main", api_name="/load_hub")
+        assert "not a valid Hugging Face repository id" in status and info == other
+    finally:
+        mp.setenv("BRAINVQ_OFFLINE", "1")
+        mp.delenv("HF_ENDPOINT")
+    status, info, _ = client.predict(str(checkpoints), api_name="/load_local")  # back to the start for the others
+    assert status.startswith("**Loaded**") and "codes (K) | 16" in info
+
+
+def test_app_file_route_serves_no_local_files(served):
+    url = served["url"].rstrip("/")
+    data_file = served["data"] / "test" / "test_000.png"
+    assert data_file.is_file()
+    targets = ["/etc/passwd", str(data_file), str(served["checkpoints"] / "vqvae" / "config.json"),
+               str(Path(demo.SAMPLES_DIR) / "README.md")]
+    served_image = Client(url, verbose=False, download_files=False).predict("test/test_000.png",
+                                                                           api_name="/reconstruct_sample")[0]
+    with httpx.Client(timeout=10) as http:
+        assert http.get(served_image["url"]).status_code == 200  # the route works for the app's own outputs
+        assert "/gradio_api/file=" in served_image["url"]
+        for target in targets:
+            for route in (f"{url}/gradio_api/file={target}", f"{url}/file={target}"):
+                response = http.get(route)
+                assert response.status_code != 200 or b"root:" not in response.content, route
+                assert response.status_code in (403, 404, 400), (route, response.status_code)
+
+
+def test_app_serves_16_users_at_once(served):
+    """16 sessions submit at the same moment (12 reconstructions, 4 generations): every one is answered."""
+    users = [Client(served["url"], verbose=False, download_files=False) for _ in range(16)]  # no image downloads
+    jobs = [user.submit(f"test/test_{i % 6:03d}.png", api_name="/reconstruct_sample")
+            for i, user in enumerate(users[:12])]
+    jobs += [user.submit(1, 1.0, 0, i, api_name="/generate") for i, user in enumerate(users[12:])]
+    results = [job.result(timeout=120) for job in jobs]
+    assert all(0 < ssim_of(result[3]) <= 1 for result in results[:12])
+    assert all(result[2].startswith("Done: 1 sample(s)") for result in results[12:])

@@ -1,0 +1,145 @@
+"""The demo in a real browser: Debian Chromium driven by playwright against app.py served in-process.
+
+Visits every tab, opens a slice from Browse in Reconstruct, uploads a file, watches a generation fill in, and
+saves screenshots to tests/artifacts/. Skipped when /usr/bin/chromium or playwright is missing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import brain_slice, make_folder_tree
+from test_app import free_port, save_tiny_bundle
+
+pytestmark = [pytest.mark.browser,
+              pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting':Warning"),  # gradio's pandas use
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated:Warning")]
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 20_000
+
+# Records every src an <img> inside #generate-grid takes, including ones replaced before anyone looks.
+WATCH_GRID = """() => {
+  window.__gridSrcs = [];
+  const root = document.querySelector('#generate-grid');
+  const note = () => root.querySelectorAll('img').forEach(img => {
+    const src = img.getAttribute('src');
+    if (src && window.__gridSrcs[window.__gridSrcs.length - 1] !== src) window.__gridSrcs.push(src);
+  });
+  new MutationObserver(note).observe(root, {subtree: true, childList: true, attributes: true,
+                                            attributeFilter: ['src']});
+  note();
+}"""
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    import app
+
+    root = tmp_path_factory.mktemp("browser")
+    checkpoints = save_tiny_bundle(root / "checkpoints", seed=0)
+    data_dir = make_folder_tree(root / "data", per_class=2, test_count=6)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"BRAINVQ_OFFLINE": "1", "BRAINVQ_CACHE": str(root / "cache"),
+                            "GRADIO_TEMP_DIR": str(root / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False"}.items():
+            mp.setenv(name, value)
+        settings = app.Settings(data_dir=str(data_dir), checkpoints=checkpoints, offline=True, host="127.0.0.1",
+                                port=free_port())
+        blocks, url = app.launch(settings, prevent_thread_lock=True, quiet=True)
+        try:
+            with sync_api.sync_playwright() as playwright:
+                browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+                try:
+                    tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+                    tab.set_default_timeout(TIMEOUT_MS)
+                    tab.goto(url)
+                    tab.get_by_role("heading", name="BrainVQ").wait_for()
+                    yield tab, root
+                finally:
+                    browser.close()
+        finally:
+            blocks.close()
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def test_browse_select_opens_reconstruct(page):
+    tab, _ = page
+    tab.get_by_text("Offline mode").first.wait_for()  # the fallback notice is visible at the top
+    gallery = tab.locator("#browse-gallery")
+    gallery.locator("img").first.wait_for()
+    assert gallery.locator("img").count() == 6
+    tab.screenshot(path=str(ARTIFACTS / "browse.png"), full_page=True)
+    gallery.locator("button").filter(has=tab.locator("img")).nth(2).click()
+    tab.locator("#metrics").get_by_text("PSNR").wait_for()
+    assert tab.get_by_role("tab", name="Reconstruct").get_attribute("aria-selected") == "true"
+    for element in ("#original", "#code-grid", "#recon"):
+        tab.locator(f"{element} img").wait_for()
+    tab.screenshot(path=str(ARTIFACTS / "reconstruct.png"), full_page=True)
+
+
+def test_upload_shows_notes_and_errors(page):
+    tab, root = page
+    open_tab(tab, "Reconstruct")
+    rgb = np.stack([brain_slice(300, 240, 4)] * 3, -1)
+    good = root / "upload.png"
+    Image.fromarray(rgb).save(good)
+    tab.locator("#upload input[type=file]").set_input_files(str(good))
+    tab.locator("#notes").get_by_text("resized 240x300").wait_for()
+    assert "SSIM" in tab.locator("#metrics").inner_text()
+    bad = root / "not-an-image.png"
+    bad.write_bytes(b"%PDF-1.4 definitely not pixels")
+    tab.locator("#upload").get_by_role("button", name="Clear").first.click()
+    tab.locator("#upload input[type=file]").set_input_files(str(bad))
+    tab.get_by_text("not an image that can be read").first.wait_for()
+    tab.screenshot(path=str(ARTIFACTS / "upload-error.png"), full_page=True)
+
+
+def test_generate_streams_then_decodes(page):
+    tab, _ = page
+    open_tab(tab, "Generate")
+    tab.locator("#generate-grid").wait_for()
+    tab.evaluate(WATCH_GRID)
+    tab.get_by_role("button", name="Generate", exact=True).click()
+    tab.locator("#generate-status").get_by_text("Done").wait_for()
+    tab.locator("#generate-images img").first.wait_for()
+    srcs = tab.evaluate("window.__gridSrcs")
+    assert len(srcs) >= 3, srcs  # the grid image changed at least twice while sampling
+    assert tab.locator("#generate-images img").count() == 4
+    tab.screenshot(path=str(ARTIFACTS / "generate.png"), full_page=True)
+
+
+def test_models_tab(page):
+    tab, _ = page
+    open_tab(tab, "Models")
+    info = tab.locator("#models-info")
+    info.get_by_text("codes (K)").wait_for()
+    assert "64x64" in info.inner_text()
+    tab.get_by_label("Local checkpoint folder").fill("/etc")
+    tab.get_by_role("button", name="Load local folder").click()
+    tab.locator("#models-status").get_by_text("not inside an allowed checkpoint folder").wait_for()
+    assert "64x64" in info.inner_text()
+    tab.screenshot(path=str(ARTIFACTS / "models.png"), full_page=True)
+
+
+def test_stop_cancels_generation(page):
+    tab, _ = page
+    open_tab(tab, "Generate")
+    tab.get_by_label("Seed").fill("99")
+    tab.get_by_role("button", name="Generate", exact=True).click()
+    tab.locator("#generate-status").get_by_text("Sampling codes").wait_for()
+    tab.get_by_role("button", name="Stop").click()
+    tab.wait_for_timeout(3000)  # a full run takes longer than this; a cancelled one never reports "Done ... seed 99"
+    assert "seed 99" not in tab.locator("#generate-status").inner_text()
