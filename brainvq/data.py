@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from brainvq.io import atomic_write_bytes, atomic_write_json
 
@@ -338,15 +338,80 @@ class SliceDataset(Dataset):
         return torch.from_numpy(np.array(image, dtype=np.float32) / 255.0).unsqueeze(0)
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0,
-                distributed: bool = False, drop_last: bool = False) -> DataLoader:
-    """A DataLoader whose shuffling is fixed by ``seed``; with ``distributed`` a DistributedSampler shards it."""
-    sampler = None
-    generator = torch.Generator().manual_seed(seed)
-    if distributed:
-        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        shuffle = False
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
+class GlobalBatchSampler(Sampler[int]):
+    """The indices one process reads, chosen so that the global batch is the same at any world size.
+
+    Epoch ``e`` reads a permutation fixed by ``(seed, e)`` (``set_epoch``; no shuffle: 0..N-1). Step ``s`` is
+    the global batch ``order[s*G:(s+1)*G]`` with ``G = batch_size * world_size``, and rank ``r`` reads its
+    ``r``-th contiguous chunk of ``batch_size``. So one process with batch ``G`` and ``W`` processes with batch
+    ``G/W`` see the same images at every step, and the ranks' batches concatenated in rank order are the
+    single-process batch row for row (what ``VectorQuantizer._random_rows`` relies on).
+
+    ``drop_last``: only whole global batches (``N // G`` steps). Otherwise the last, partial global batch is
+    padded by wrapping round to a multiple of ``world_size`` and split evenly (as DistributedSampler pads), so
+    every rank takes the same number of steps; with one process nothing is padded.
+    """
+
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = False):
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad sampler setup: batch_size {batch_size}, rank {rank}, world_size {world_size}")
+        self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle: epoch ``e`` reads the order fixed by ``epoch_seed(seed, e)``, at any world size."""
+        self.epoch = epoch
+
+    def order(self) -> list[int]:
+        """This epoch's global order of all indices (the same on every rank)."""
+        if not self.shuffle:
+            return list(range(self.size))
+        from brainvq.training import epoch_seed
+
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        # One draw first, as the DataLoader drew its base seed from RandomSampler's generator before the
+        # permutation: a single process reads exactly the order the training scripts read before this sampler
+        # (RandomSampler seeded with epoch_seed(seed, epoch)), so runs begun then resume on the same order.
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def _tail(self) -> int:
+        """How many indices this rank reads from the last, partial global batch (0 with drop_last)."""
+        rest = self.size % (self.batch_size * self.world_size)
+        return 0 if self.drop_last or rest == 0 else -(-rest // self.world_size)
+
+    def __len__(self) -> int:
+        return self.size // (self.batch_size * self.world_size) * self.batch_size + self._tail()
+
+    def __iter__(self) -> Iterator[int]:
+        order, b, w = self.order(), self.batch_size, self.world_size
+        steps = self.size // (b * w)
+        for step in range(steps):
+            start = (step * w + self.rank) * b
+            yield from order[start:start + b]
+        tail = self._tail()
+        start = steps * b * w + self.rank * tail
+        for i in range(start, start + tail):
+            yield order[i % self.size]  # padding wraps round to the start of the order
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int = 0, distributed: bool = False,
+                drop_last: bool = False, rank: int | None = None, world_size: int | None = None) -> DataLoader:
+    """A DataLoader over a GlobalBatchSampler: ``batch_size`` per process, order fixed by ``(seed, epoch)``.
+
+    One process and ``distributed`` (rank and world size from torch.distributed, or given) use the same
+    sampler, so the global batch ``batch_size * world_size`` holds the same images at every step whatever the
+    world size. Call ``loader.sampler.set_epoch(epoch)`` each epoch to reshuffle.
+    """
+    if distributed and (rank is None or world_size is None):
+        import torch.distributed as dist
+
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    sampler = GlobalBatchSampler(len(dataset), batch_size, shuffle, seed, rank or 0, world_size or 1, drop_last)
+    # The generator only seeds the loader's base seed: without it each epoch would consume the global RNG.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(seed),
                       drop_last=drop_last, num_workers=0)
 
 

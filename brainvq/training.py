@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import random
@@ -10,13 +11,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from brainvq.checkpoint import CheckpointError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -49,37 +52,110 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def setup_runtime(device: str = "auto") -> Runtime:
-    """Initialise torch.distributed when launched by torchrun (nccl on CUDA, gloo otherwise)."""
+    """Where this process runs. Under torchrun (WORLD_SIZE > 1) also join the process group: nccl on CUDA,
+    gloo otherwise, each rank on GPU LOCAL_RANK. On CUDA allow TF32 matmuls; on CPU nothing changes."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Runtime(pick_device(device))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     chosen = pick_device(device)
     if chosen.type == "cuda":
-        torch.cuda.set_device(local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size == 1:
+        return Runtime(chosen)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if chosen.type == "cuda":
         chosen = torch.device("cuda", local_rank)
+        torch.cuda.set_device(chosen)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+        if chosen.type == "cuda":
+            dist.init_process_group("nccl", device_id=chosen)
+        else:
+            dist.init_process_group("gloo")
     return Runtime(chosen, rank, world_size, local_rank)
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process). NCCL knows its GPU from ``init_process_group``."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def rank0_first(runtime: Runtime, load: Callable[[], T]) -> T:
+    """``load()`` on rank 0, then on every other node's local rank 0, then on the remaining ranks, with a
+    barrier after each turn: a cache that ``load`` builds on disk (decoded images) is built once, by one
+    process per machine at most, and the others read it. In a single process: just ``load()``."""
+    turn = 0 if runtime.rank == 0 else 1 if runtime.local_rank == 0 else 2
+    result = None
+    for phase in range(3 if runtime.distributed else 1):
+        if phase == turn:
+            result = load()
+        barrier()
+    return result
+
+
 def teardown(runtime: Runtime) -> None:
+    """Leave the process group once every rank is done (rank 0 may still be writing files)."""
     if runtime.distributed and dist.is_initialized():
+        barrier()
         dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
+    """Same seed on every rank: same init, and the same CPU RNG stream (codebook draws rely on it)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA where supported, fp16 on older GPUs; nothing changes on CPU/MPS."""
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on CUDA where supported, fp16 on older GPUs, None (full fp32) elsewhere."""
     if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (see ``amp_dtype``); nothing changes on CPU/MPS."""
+    dtype = amp_dtype(device)
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)
+
+
+def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 autocast (older GPUs); disabled (a pass-through) for bf16, fp32 and CPU."""
+    enabled = amp_dtype(device) == torch.float16
+    return torch.amp.GradScaler("cuda" if enabled else "cpu", enabled=enabled)
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on CUDA (faster convolutions under AMP), the layout as it is elsewhere.
+
+    Use as ``model.to(device, memory_format=memory_format(device))`` and likewise for image batches.
+    """
+    return torch.channels_last if device.type == "cuda" else torch.preserve_format
+
+
+def wrap_model(model: torch.nn.Module, runtime: Runtime, compile: bool = False, sync_buffers: bool = True,
+               static_graph: bool = False) -> torch.nn.Module:
+    """The module to call in the training step: DistributedDataParallel under torchrun, then torch.compile
+    when asked. Keep ``model`` itself for evaluation and saving (its state dict has no ``module.`` prefix).
+
+    ``sync_buffers=False``: DDP does not re-broadcast rank 0's buffers before each forward (the VQ-VAE keeps
+    its codebook buffers equal itself). ``static_graph``: the same parameters are used every step, some never
+    (the PixelCNN's last vertical-stack output), so DDP learns which once instead of failing or searching the
+    graph every step.
+    """
+    net = model
+    if runtime.distributed:
+        options: dict = {"static_graph": static_graph}
+        if not sync_buffers:  # forward_sync_buffers replaces broadcast_buffers in newer torch
+            parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+            options["forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"] = False
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None, **options)
+    if compile:
+        net = torch.compile(net)
+    return net
 
 
 def reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -91,8 +167,35 @@ def reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, flo
     return dict(zip(values, tensor.tolist()))
 
 
+def reduce_tensor(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of ``tensor`` summed across ranks (e.g. code histograms), on the tensor's own device."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    summed = tensor.to(device, copy=True)
+    dist.all_reduce(summed)
+    return summed.to(tensor.device)
+
+
+def check_in_sync(tensors: dict[str, torch.Tensor]) -> None:
+    """Raise if any rank holds different values than rank 0 (no-op in a single process).
+
+    For state that DDP does not synchronise itself, such as the VQ-VAE codebook: one broadcast per check.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for name, tensor in tensors.items():
+        reference = tensor.detach().clone()
+        dist.broadcast(reference, src=0)
+        differs = torch.tensor([0.0 if torch.equal(reference, tensor) else 1.0], device=tensor.device)
+        dist.all_reduce(differs)
+        if differs.item():
+            raise RuntimeError(f"{name} differs between ranks ({int(differs.item())} rank(s) disagree with rank 0): "
+                               "the ranks no longer train the same model")
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
-    """Shuffling for one epoch depends only on (seed, epoch), so a resumed run replays the same order."""
+    """Shuffling for one epoch depends only on (seed, epoch), so a resumed run replays the same order
+    (``data.GlobalBatchSampler`` seeds each epoch's permutation with it, at any world size)."""
     return seed * 100_003 + epoch
 
 

@@ -93,8 +93,13 @@ class Decoder(nn.Module):
         return torch.sigmoid(self.net(z))
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    """Sum ``tensor`` over all ranks in place (identity in a single process)."""
+    if _distributed():
         dist.all_reduce(tensor)
     return tensor
 
@@ -102,8 +107,9 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 class VectorQuantizer(nn.Module):
     """Nearest-neighbour K x D codebook kept alive by EMA updates and dead-code restarts.
 
-    Under torch.distributed the EMA statistics are all-reduced and restarts come from rank 0, so every rank
-    holds the same codebook.
+    Under torch.distributed the EMA statistics are all-reduced over the global batch and initial / restarted
+    codes are drawn from the global batch (``_random_rows``), so every rank holds the same codebook, and the
+    same codebook as one process fed the whole global batch.
     """
 
     def __init__(self, num_codes: int, code_dim: int, decay: float = 0.99, commitment: float = 0.25,
@@ -128,10 +134,27 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _random_rows(self, flat: torch.Tensor, n: int) -> torch.Tensor:
-        rows = flat[torch.randint(0, flat.shape[0], (n,), device=flat.device)].clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(rows, src=0)
-        return rows
+        """``n`` rows drawn uniformly, with replacement, from the encoder outputs of the *global* batch.
+
+        The indices come from the CPU RNG (which ``--resume`` restores) and range over the global batch: the
+        ranks' rows in rank order, which the data sampler makes the single-process batch row for row. With
+        every rank seeded alike this is the draw one process would make; rank 0's draw is broadcast anyway so
+        the ranks cannot disagree. Each row is then summed from the one rank that holds it (all others add
+        exact zeros): n x D floats travel, not the whole batch, and every rank gets the same rows bit for bit.
+        """
+        if not _distributed():
+            return flat[torch.randint(0, flat.shape[0], (n,)).to(flat.device)].clone()
+        sizes = [torch.zeros(1, dtype=torch.long, device=flat.device) for _ in range(dist.get_world_size())]
+        dist.all_gather(sizes, torch.tensor([flat.shape[0]], device=flat.device))
+        sizes_list = [int(size) for size in sizes]
+        rank = dist.get_rank()
+        index = torch.randint(0, sum(sizes_list), (n,)).to(flat.device)
+        dist.broadcast(index, src=0)
+        local = index - sum(sizes_list[:rank])
+        mine = (local >= 0) & (local < flat.shape[0])
+        rows = flat.new_zeros(n, flat.shape[1])
+        rows[mine] = flat[local[mine]]
+        return _all_reduce(rows)
 
     @torch.no_grad()
     def initialize(self, flat: torch.Tensor) -> None:
@@ -143,7 +166,11 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def update(self, flat: torch.Tensor, codes: torch.Tensor) -> int:
-        """One EMA step on the codebook, then restart dead codes; returns how many were restarted."""
+        """One EMA step on the codebook, then restart dead codes; returns how many were restarted.
+
+        Under torch.distributed counts and sums are all-reduced first, so the EMA sees the global batch; every
+        rank then computes the same codebook and the same ``dead`` mask, hence makes the same collective calls.
+        """
         count = _all_reduce(torch.bincount(codes, minlength=self.num_codes).to(flat.dtype))
         total = _all_reduce(flat.new_zeros(self.num_codes, self.code_dim).index_add_(0, codes, flat))
         self.ema_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
@@ -166,7 +193,8 @@ class VectorQuantizer(nn.Module):
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)
         if self.training and not bool(self.initialized):
             self.initialize(flat.detach().float())
-        codes = self.nearest(flat.detach())
+        with torch.autocast(z.device.type, enabled=False):  # distances in fp32 even under bf16 autocast
+            codes = self.nearest(flat.detach().float())
         if self.training:
             self.update(flat.detach().float(), codes)
         quantized = self.lookup(codes.view(b, h, w)).to(z.dtype)

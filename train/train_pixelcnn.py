@@ -150,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
         history, best_nll, start_epoch = state["history"], state["best_nll"], state["epoch"] + 1
         if runtime.is_main:
             print(f"resumed from {last} at epoch {start_epoch + 1} (best val NLL {best_nll:.4f})")
-    net = wrap_model(model, runtime, compile=args.compile)  # DDP under torchrun; `model` is evaluated and saved
+    # DDP under torchrun (static graph: the last layer's vertical output is never used); `model` is evaluated
+    # and saved.
+    net = wrap_model(model, runtime, compile=args.compile, static_graph=True)
     scaler = grad_scaler(runtime.device)  # loss scaling only for fp16 autocast on GPUs without bf16
 
     meta = {"vqvae": {"path": str(args.vqvae), "fingerprint": vqvae.fingerprint()},

@@ -2,7 +2,10 @@
 
     python train/train_vqvae.py --data-dir ../shared/data/alzheimer4class --out runs/vqvae
     python train/train_vqvae.py --out runs/vqvae --resume            # continue a killed run
-    torchrun --nproc_per_node 4 train/train_vqvae.py --out runs/vqvae # many GPUs, same code
+    torchrun --standalone --nproc_per_node 4 train/train_vqvae.py --out runs/vqvae  # 4 GPUs, same code
+
+--batch-size is per process: the global batch is batch size x processes (docs/multi-gpu.md). Only rank 0
+writes files; with the same global batch, N processes train the same model as one, up to float rounding.
 
 Keeps the best model by validation SSIM in OUT/best, the last epoch (with optimizer state) in OUT/last,
 curves in OUT/curves.png and a results figure in OUT/results.png.
@@ -23,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from brainvq import checkpoint, data  # noqa: E402
 from brainvq.metrics import code_histogram, perplexity, ssim  # noqa: E402
-from brainvq.training import (autocast, epoch_seed, plot_curves, reduce_sums, resume_folder,  # noqa: E402
-                              seed_everything, setup_runtime, teardown, write_history, write_snapshot)
+from brainvq.training import (autocast, check_in_sync, grad_scaler, memory_format, plot_curves,  # noqa: E402
+                              rank0_first, reduce_sums, reduce_tensor, resume_folder, seed_everything,
+                              setup_runtime, teardown, wrap_model, write_history, write_snapshot)
 from brainvq.visualize import save_triptych_figure  # noqa: E402
 from brainvq.vqvae import VQVAE, VQVAEConfig  # noqa: E402
 
@@ -53,12 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--res-blocks", type=int, default=2)
     p.add_argument("--l1-weight", type=float, default=1.0)
     p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="per process")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help="per process; the global batch is this times the number of processes")
     p.add_argument("--crop", type=int, default=CROP, help="training crop size; 0 = full images")
     p.add_argument("--lr", type=float, default=LR)
     p.add_argument("--seed", type=int, default=SEED, help="fixes the split, the init and the shuffling")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step's model (for CUDA)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last")
     p.add_argument("--skip-bad", action="store_true", help="skip undecodable images with a warning")
     p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke tests)")
@@ -101,15 +106,17 @@ def main(argv: list[str] | None = None) -> dict:
     runtime = setup_runtime(args.device)
     seed_everything(args.seed)
     out = Path(args.out)
-    train_set = data.load_split(args.data_dir, "train", args.seed, skip_bad=args.skip_bad)
-    val_set = data.load_split(args.data_dir, "val", args.seed, skip_bad=args.skip_bad)
+    # Rank 0 decodes and caches the images first; the other ranks then read its cache instead of racing it.
+    train_set, val_set = rank0_first(runtime, lambda: [data.load_split(args.data_dir, split, args.seed,
+                                                                       skip_bad=args.skip_bad)
+                                                       for split in ("train", "val")])
     if runtime.is_main:
         print(f"data: {train_set.root} ({train_set.layout}) train {len(train_set)} / val {len(val_set)}, "
               f"device {runtime.device}, world size {runtime.world_size}")
 
     cfg = VQVAEConfig(num_codes=args.num_codes, code_dim=args.code_dim, widths=args.widths,
                       num_res_blocks=args.res_blocks, res_width=args.res_width, l1_weight=args.l1_weight)
-    model = VQVAE(cfg).to(runtime.device)
+    model = VQVAE(cfg).to(runtime.device, memory_format=memory_format(runtime.device))  # channels_last on CUDA
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     history: list[dict] = []
     best_ssim, start_epoch = -1.0, 0
@@ -120,28 +127,23 @@ def main(argv: list[str] | None = None) -> dict:
         history, best_ssim, start_epoch = state["history"], state["best_ssim"], state["epoch"] + 1
         if runtime.is_main:
             print(f"resumed from {last} at epoch {start_epoch + 1} (best val SSIM {best_ssim:.4f})")
-    if runtime.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    net = model
-    if runtime.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
-            broadcast_buffers=False)
-    if args.compile:
-        net = torch.compile(net)
+    # DDP under torchrun. The codebook buffers are kept equal by the quantiser's own all-reduces, so DDP need
+    # not broadcast them; `model` (unwrapped) is what validation and checkpoints use.
+    net = wrap_model(model, runtime, compile=args.compile, sync_buffers=False)
+    scaler = grad_scaler(runtime.device)  # loss scaling only for fp16 autocast on GPUs without bf16
 
     dataset = data.SliceDataset(train_set.images, crop=args.crop or None, seed=args.seed)
     meta = {"data": {"root": train_set.root, "layout": train_set.layout, "split_seed": args.seed,
                      "n_train": len(train_set), "n_val": len(val_set)},
             "train": {k: v for k, v in vars(args).items() if k not in ("data_dir", "out", "resume")}}
+    # Same sampler with or without torchrun: global batch s holds the same images at any world size.
+    loader = data.make_loader(dataset, args.batch_size, shuffle=True, seed=args.seed,
+                              distributed=runtime.distributed, drop_last=True)
     for epoch in range(start_epoch, args.epochs):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, args)
         dataset.set_epoch(epoch)
-        loader = data.make_loader(dataset, args.batch_size, shuffle=True, seed=epoch_seed(args.seed, epoch),
-                                  distributed=runtime.distributed, drop_last=True)
-        if runtime.distributed:
-            loader.sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)  # reshuffle: the order depends on (seed, epoch) only
         counts = torch.zeros(cfg.num_codes, dtype=torch.long)
         sums = {"loss": 0.0, "ssim": 0.0, "n": 0.0}
         started = time.time()
@@ -150,14 +152,13 @@ def main(argv: list[str] | None = None) -> dict:
         for step, batch in enumerate(bar):
             if args.max_steps and step >= args.max_steps:
                 break
-            batch = batch.to(runtime.device)
-            if runtime.device.type == "cuda":
-                batch = batch.to(memory_format=torch.channels_last)
+            batch = batch.to(runtime.device, memory_format=memory_format(runtime.device))
             with autocast(runtime.device):
                 outputs = net(batch)
             optimizer.zero_grad(set_to_none=True)
-            outputs.loss.backward()
-            optimizer.step()
+            scaler.scale(outputs.loss).backward()  # DDP averages the ranks' gradients: the global-batch mean
+            scaler.step(optimizer)
+            scaler.update()
             batch_ssim = 1 - float(outputs.losses["ssim_loss"])
             counts += code_histogram(outputs.codes.cpu(), cfg.num_codes)
             sums["loss"] += outputs.loss.item() * len(batch)
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
                 bar.set_postfix(loss=f"{outputs.loss.item():.4f}", ssim=f"{batch_ssim:.4f}",
                                 used=int((counts > 0).sum()), ppl=f"{perplexity(counts):.0f}")
         sums = reduce_sums(sums, runtime.device)
+        counts = reduce_tensor(counts, runtime.device)  # code usage over the global batch, not rank 0's share
+        check_in_sync({f"quantizer.{name}": buffer for name, buffer in model.quantizer.named_buffers()})
         val = validate(model, val_set.images, runtime, args.batch_size)
         record = {"epoch": epoch + 1, "train_loss": sums["loss"] / sums["n"], "train_ssim": sums["ssim"] / sums["n"],
                   "val_loss": val["loss"], "val_ssim": val["ssim"], "codes_used": int((counts > 0).sum()),
