@@ -159,7 +159,7 @@ def to_slice(image: Image.Image, size: int = IMAGE_SIZE) -> tuple[np.ndarray, li
     notes = []
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
+        array = np.asarray(image, dtype=np.float32)
         top = 65535.0 if mode.startswith("I;16") else max(float(array.max()), 1.0)
         image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).round().astype(np.uint8))
         notes.append(f"rescaled {mode} intensities to 8 bits")

@@ -117,7 +117,7 @@ def prepare_upload(path: str | os.PathLike | None,
     except UnidentifiedImageError:
         raise UploadError(f"This file is not an image that can be read (expected {SUPPORTED}). "
                           "PDFs, DICOM/NIfTI volumes and other documents are not supported.") from None
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as error:
+    except Exception as error:  # noqa: BLE001 - Pillow raises many types (TypeError, struct.error, ...) on damaged files
         raise UploadError(f"This image could not be decoded: it may be truncated, corrupt or use an unusual "
                           f"encoding ({type(error).__name__}: {error}). Try re-saving it as PNG.") from None
     notes.extend(converted)

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     scaler = grad_scaler(runtime.device)  # loss scaling only for fp16 autocast on GPUs without bf16
 
     dataset = data.SliceDataset(train_set.images, crop=args.crop or None, seed=args.seed)
-    meta = {"data": {"root": train_set.root, "layout": train_set.layout, "split_seed": args.seed,
+    meta = {"data": {"root": Path(train_set.root).name, "layout": train_set.layout, "split_seed": args.seed,
                      "n_train": len(train_set), "n_val": len(val_set)},
             "train": {k: v for k, v in vars(args).items() if k not in ("data_dir", "out", "resume")}}
     # Same sampler with or without torchrun: global batch s holds the same images at any world size.

@@ -1,0 +1,120 @@
+"""How fast the demo feels: cold start, one reconstruction, and the first streamed frame of a generation.
+
+    python bench/app_speed.py --json bench/results/app_speed.json       # shipped weights (checkpoints/)
+    python bench/app_speed.py --checkpoints DIR                           # any bundle folder (vqvae/ + pixelcnn/)
+
+* Cold start: ``python app.py --offline --port P`` spawned as a subprocess, timed until GET / answers HTTP 200
+  (interpreter start, imports, model and sample loading, building the UI). ``--starts N``: median of N spawns.
+* Reconstruction: the median of ``--runs`` (10) gradio_client calls of /reconstruct_sample on a bundled slice,
+  after one warm-up call; wall time at the client, one request at a time.
+* First frame: ``client.submit`` of /generate (n=1, temperature 1, top-k off), time until the first intermediate
+  output (a partly filled code grid) reaches the client; the median of ``--generations`` (3). The time to the
+  finished sample is reported too.
+
+Goals: cold start <= 15 s, reconstruction <= 0.5 s, first frame <= 1 s. The figures go to ``--json`` (atomically)
+and, last, to stdout as one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from brainvq.io import write_report  # noqa: E402
+from load_test import Server, check_generation, check_reconstruction, sample_keys  # noqa: E402
+
+GOALS = {"cold_start_s": 15.0, "reconstruct_s": 0.5, "first_frame_s": 1.0}
+
+
+def first_frame(client, seed: int, timeout: float) -> tuple[float, float, str | None]:
+    """(seconds to the first intermediate output, seconds to the final one, problem or None)."""
+    began = time.perf_counter()
+    job = client.submit(1, 1.0, 0, seed, api_name="/generate")
+    first = None
+    deadline = began + timeout
+    while first is None and time.perf_counter() < deadline and not job.done():
+        outputs = job.outputs()
+        if outputs:
+            first = time.perf_counter() - began
+            if "Sampling codes" not in str(outputs[0][2]):
+                return first, first, f"the first output is not a partial grid: {str(outputs[0][2])[:200]}"
+            break
+        time.sleep(0.002)
+    result = job.result(timeout=max(1.0, deadline - time.perf_counter()))
+    total = time.perf_counter() - began
+    if first is None:  # finished before any intermediate output was seen
+        return total, total, "no intermediate output was streamed"
+    return first, total, check_generation(result)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints",
+                   help="bundle folder with vqvae/ and pixelcnn/ (default: the shipped checkpoints/)")
+    p.add_argument("--data-dir", default=None, help="data root for the Browse tab (default: the bundled samples)")
+    p.add_argument("--starts", type=int, default=1, help="cold starts to time (median)")
+    p.add_argument("--runs", type=int, default=10, help="timed reconstructions (median)")
+    p.add_argument("--generations", type=int, default=3, help="timed generations (median of first frames)")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--json", help="where to write the figures")
+    args = p.parse_args(argv)
+    if args.generations and not (args.checkpoints / "pixelcnn").is_dir():
+        p.error(f"{args.checkpoints / 'pixelcnn'} does not exist: generation needs a prior (or --generations 0)")
+
+    from gradio_client import Client
+
+    keys = sample_keys(args.data_dir)
+    starts, problems, recon, firsts, totals = [], [], [], [], []
+    for attempt in range(args.starts):
+        server = Server(args.checkpoints, args.data_dir)
+        try:
+            starts.append(server.wait_ready(args.timeout))
+            print(f"cold start {attempt + 1}: {starts[-1]:.2f} s", file=sys.stderr)
+            if attempt < args.starts - 1:
+                continue
+            client = Client(server.url, verbose=False, download_files=False)
+            problems.append(check_reconstruction(client.predict(keys[0], api_name="/reconstruct_sample")))  # warm-up
+            recon = []
+            for i in range(args.runs):
+                began = time.perf_counter()
+                answer = client.predict(keys[(i + 1) % len(keys)], api_name="/reconstruct_sample")
+                recon.append(time.perf_counter() - began)
+                problems.append(check_reconstruction(answer))
+            print(f"reconstruction: median {statistics.median(recon):.3f} s of {len(recon)}", file=sys.stderr)
+            firsts, totals = [], []
+            for i in range(args.generations):
+                first, total, problem = first_frame(client, seed=i, timeout=args.timeout)
+                firsts.append(first)
+                totals.append(total)
+                problems.append(problem)
+                print(f"generation {i + 1}: first frame {first:.3f} s, done {total:.2f} s", file=sys.stderr)
+        finally:
+            server.stop()
+
+    def median(values: list[float]) -> float | None:
+        return round(statistics.median(values), 3) if values else None
+
+    result = {
+        "checkpoints": str(args.checkpoints), "cpu_cores": os.cpu_count(),
+        "cold_start_s": median(starts), "cold_starts_s": [round(s, 2) for s in starts],
+        "reconstruct_s": median(recon), "reconstruct_runs_s": [round(s, 3) for s in recon],
+        "first_frame_s": median(firsts), "first_frames_s": [round(s, 3) for s in firsts],
+        "generate_total_s": median(totals), "generate_totals_s": [round(s, 2) for s in totals],
+        "goals": GOALS,
+        "problems": [problem for problem in problems if problem],
+    }
+    for name, goal in GOALS.items():
+        result[f"meets_{name}"] = result[name] is not None and result[name] <= goal
+    result["meets_goals"] = all(result[f"meets_{name}"] for name in GOALS) and not result["problems"]
+    return write_report(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
