@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--vqvae", default=str(ROOT / "checkpoints/vqvae"))
     p.add_argument("--data-dir")
     p.add_argument("--out", default=str(ROOT / "runs/ablation"))
+    p.add_argument("--codes-dir", help="cached codes to reuse (default OUT/codes), e.g. runs/pixelcnn")
     p.add_argument("--steps", type=int, default=150, help="training steps per variant (batch 16)")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     test = data.load_split(args.data_dir, "test", args.seed)
     area_range = brain_area_range(data.iter_batches(test.images, 256))
     result: dict = {"steps": args.steps, "batch_size": 16, "samples": args.samples}
-    codes_dir = Path(args.out) / "codes"  # encoded once, shared by every variant
+    codes_dir = Path(args.codes_dir or Path(args.out) / "codes")  # encoded once, shared by every variant
     for name in args.variants.split(","):
         out = Path(args.out) / name
         argv_variant = ["--vqvae", args.vqvae, "--out", str(out), "--codes-dir", str(codes_dir), "--epochs", "1",
