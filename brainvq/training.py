@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from brainvq.checkpoint import CheckpointError
+from brainvq.checkpoint import CheckpointError, load_training_state, load_weights
 
 T = TypeVar("T")
 
@@ -229,6 +229,18 @@ def resume_folder(run_dir: Path) -> Path:
         raise CheckpointError(f"Cannot --resume: {str(last)!r} does not exist. Start without --resume, "
                               "or pass the --out folder of the run you want to continue.")
     return last.resolve()
+
+
+def resume_run(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               runtime: Runtime) -> dict:
+    """Load ``run_dir/last`` into the model and optimizer (and the RNG); return the saved state
+    (``epoch``, ``history`` and the script's best metric)."""
+    last = resume_folder(run_dir)
+    load_weights(model, last)
+    state, _ = load_training_state(last, optimizer)
+    if runtime.is_main:
+        print(f"resumed from {last} at epoch {state['epoch'] + 2}")
+    return state
 
 
 def plot_curves(history: list[dict], keys: list[tuple[str, str]], path: Path, title: str) -> None:

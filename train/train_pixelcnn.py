@@ -29,7 +29,7 @@ from brainvq.io import atomic_write_bytes  # noqa: E402
 from brainvq.metrics import code_histogram, entropy_bits, nats_to_bits  # noqa: E402
 from brainvq.pixelcnn import GatedPixelCNN, PixelCNNConfig  # noqa: E402
 from brainvq.training import (autocast, barrier, grad_scaler, memory_format, plot_curves,  # noqa: E402
-                              reduce_sums, resume_folder, seed_everything, setup_runtime, teardown, wrap_model,
+                              reduce_sums, resume_run, seed_everything, setup_runtime, teardown, wrap_model,
                               write_history, write_snapshot)
 from brainvq.vqvae import VQVAE, encode_array  # noqa: E402
 
@@ -144,12 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     history: list[dict] = []
     best_nll, start_epoch = math.inf, 0
     if args.resume:
-        last = resume_folder(out)
-        checkpoint.load_weights(model, last)
-        state, _ = checkpoint.load_training_state(last, optimizer)
+        state = resume_run(out, model, optimizer, runtime)
         history, best_nll, start_epoch = state["history"], state["best_nll"], state["epoch"] + 1
-        if runtime.is_main:
-            print(f"resumed from {last} at epoch {start_epoch + 1} (best val NLL {best_nll:.4f})")
     # DDP under torchrun (static graph: the last layer's vertical output is never used); `model` is evaluated
     # and saved.
     net = wrap_model(model, runtime, compile=args.compile, static_graph=True)

@@ -16,7 +16,6 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from brainvq import checkpoint, data  # noqa: E402
 from brainvq.metrics import code_histogram, perplexity, ssim  # noqa: E402
 from brainvq.training import (autocast, check_in_sync, grad_scaler, memory_format, plot_curves,  # noqa: E402
-                              rank0_first, reduce_sums, reduce_tensor, resume_folder, seed_everything,
+                              rank0_first, reduce_sums, reduce_tensor, resume_run, seed_everything,
                               setup_runtime, teardown, wrap_model, write_history, write_snapshot)
 from brainvq.visualize import save_triptych_figure  # noqa: E402
 from brainvq.vqvae import VQVAE, VQVAEConfig  # noqa: E402
@@ -121,12 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     history: list[dict] = []
     best_ssim, start_epoch = -1.0, 0
     if args.resume:
-        last = resume_folder(out)
-        checkpoint.load_weights(model, last)
-        state, _ = checkpoint.load_training_state(last, optimizer)
+        state = resume_run(out, model, optimizer, runtime)
         history, best_ssim, start_epoch = state["history"], state["best_ssim"], state["epoch"] + 1
-        if runtime.is_main:
-            print(f"resumed from {last} at epoch {start_epoch + 1} (best val SSIM {best_ssim:.4f})")
     # DDP under torchrun. The codebook buffers are kept equal by the quantiser's own all-reduces, so DDP need
     # not broadcast them; `model` (unwrapped) is what validation and checkpoints use.
     net = wrap_model(model, runtime, compile=args.compile, sync_buffers=False)
