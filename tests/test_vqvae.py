@@ -364,14 +364,6 @@ def test_pickle_only_folder_is_refused_with_a_pickle_hint(tmp_path):
     assert "model.pt" in message and "pickle" in message
 
 
-def test_pickle_folder_is_refused_even_without_the_hint(tmp_path):
-    folder = tmp_path / "old"
-    folder.mkdir()
-    torch.save(tiny().state_dict(), folder / "model.pt")
-    with pytest.raises(CheckpointError):
-        VQVAE.load(folder)
-
-
 def test_other_kinds_are_refused(saved):
     config = json.loads((saved / "config.json").read_text())
     config["kind"] = "prior"
