@@ -7,7 +7,8 @@ Trains four small priors for the same number of steps on the same cached codes, 
   no_pos      dilation only
   no_dilation positional map only (receptive field grows 1 row / column per layer)
   neither     the plain gated PixelCNN
-and reports each one's validation bits/code and the whole-brain rate of 16 decoded samples (temperature 1).
+and reports each one's validation bits/code, and the one-component and whole-brain rates of 16 decoded
+samples (temperature 1; brain-area band from the real train slices, as in bench/generation_quality.py).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from brainvq import data  # noqa: E402
 from brainvq.io import write_report  # noqa: E402
-from brainvq.metrics import brain_area_range, whole_brain  # noqa: E402
+from brainvq.metrics import brain_area_range, brain_regions, whole_brain  # noqa: E402
 from brainvq.pixelcnn import GatedPixelCNN  # noqa: E402
 from brainvq.sampling import sample_codes  # noqa: E402
 from brainvq.vqvae import VQVAE  # noqa: E402
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json")
     args = p.parse_args(argv)
     vqvae = VQVAE.load(args.vqvae)
-    test = data.load_split(args.data_dir, "test", args.seed)
-    area_range = brain_area_range(data.iter_batches(test.images, 256))
+    train = data.load_split(args.data_dir, "train", args.seed)  # the band the samples must hit: see generation_quality
+    area_range = brain_area_range(data.iter_batches(train.images, 256))
     result: dict = {"steps": args.steps, "batch_size": 16, "samples": args.samples}
     codes_dir = Path(args.codes_dir or Path(args.out) / "codes")  # encoded once, shared by every variant
     for name in args.variants.split(","):
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         prior = GatedPixelCNN.load(out / "best", vqvae=vqvae)
         images = vqvae.decode(sample_codes(prior, n=args.samples, seed=args.seed))
         result[name] = {"val_bits_per_code": record["val_bits"], "val_accuracy": record["val_acc"],
+                        "single_component_rate": float(np.mean([brain_regions(x)[0] == 1 for x in images])),
                         "whole_brain_rate": float(np.mean(whole_brain(images, area_range)))}
         print(name, json.dumps(result[name]), flush=True)
     result["unigram_bits_per_code"] = record["unigram_bits"]

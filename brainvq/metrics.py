@@ -66,9 +66,14 @@ def whole_brain(images: torch.Tensor, area_range: tuple[float, float]) -> list[b
     return [count == 1 and low <= area <= high for count, area in map(brain_regions, images)]
 
 
-def brain_area_range(batches, low: float = 5, high: float = 95) -> tuple[float, float]:
-    """The (low, high) percentiles of brain area over real slices, given as an iterable of image batches."""
+def brain_area_percentiles(batches, q: tuple[float, ...] = (5, 50, 95)) -> list[float]:
+    """Percentiles ``q`` of brain area over real slices, given as an iterable of image batches."""
     import numpy as np
 
     areas = np.array([brain_regions(image)[1] for batch in batches for image in batch])
-    return float(np.percentile(areas, low)), float(np.percentile(areas, high))
+    return np.percentile(areas, q).tolist()
+
+
+def brain_area_range(batches, low: float = 5, high: float = 95) -> tuple[float, float]:
+    """The (low, high) percentiles of brain area over real slices: the band a whole generated brain must hit."""
+    return tuple(brain_area_percentiles(batches, (low, high)))

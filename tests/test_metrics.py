@@ -1,4 +1,4 @@
-"""brainvq.metrics: SSIM/PSNR on images and perplexity/entropy on code histograms."""
+"""brainvq.metrics: SSIM/PSNR on images, perplexity/entropy on code histograms, whole-brain checks on masks."""
 from __future__ import annotations
 
 import math
@@ -95,3 +95,32 @@ def test_code_histogram_and_nats_to_bits():
     codes = torch.tensor([[0, 1], [1, 3]])
     assert metrics.code_histogram(codes, 5).tolist() == [1, 2, 0, 1, 0]
     assert metrics.nats_to_bits(math.log(2)) == pytest.approx(1.0)
+
+
+def _discs(*specs: tuple[int, int, int], size: int = 64) -> torch.Tensor:
+    """One 1xHxW image with a bright disc of radius r at (row, col) for each (row, col, r)."""
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    image = torch.zeros(1, size, size)
+    for row, col, r in specs:
+        image[0][(yy - row) ** 2 + (xx - col) ** 2 <= r * r] = 0.8
+    return image
+
+
+def test_brain_regions_counts_components_and_ignores_specks():
+    one = _discs((32, 32, 12))
+    two = _discs((16, 16, 8), (48, 48, 8))
+    speck = _discs((32, 32, 12), (3, 3, 2))          # 13 px: below MIN_COMPONENT, still counted in the area
+    assert metrics.brain_regions(one) == (1, int((one > metrics.BRAIN_THRESHOLD).sum()))
+    assert metrics.brain_regions(two)[0] == 2
+    assert metrics.brain_regions(speck)[0] == 1
+    assert metrics.brain_regions(speck)[1] == metrics.brain_regions(one)[1] + 13
+    assert metrics.brain_regions(torch.zeros(1, 64, 64)) == (0, 0)
+
+
+def test_whole_brain_needs_one_component_inside_the_area_band():
+    images = torch.stack([_discs((32, 32, r)) for r in (8, 10, 12, 14)] + [_discs((16, 16, 8), (48, 48, 8))])
+    band = metrics.brain_area_range([images[:4]], low=25, high=75)
+    assert band[0] < band[1]
+    assert metrics.whole_brain(images, band) == [False, True, True, False, False]
+    assert metrics.brain_area_percentiles([images[:2], images[2:4]], (0, 100)) == [
+        float(metrics.brain_regions(images[0])[1]), float(metrics.brain_regions(images[3])[1])]
