@@ -1,6 +1,6 @@
 """What do global context and position awareness buy the prior? Equal-budget ablation on the shipped VQ-VAE.
 
-    python bench/prior_ablation.py --data-dir ../shared/data/alzheimer4class --steps 150 --json bench/results/prior_ablation.json
+    python bench/prior_ablation.py --data-dir ../shared/data/alzheimer4class --steps 288 --json bench/results/prior_ablation_288.json
 
 Trains four small priors for the same number of steps on the same cached codes, from the same seed:
   full        dilated vertical stack (global context) + learned positional map
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-dir")
     p.add_argument("--out", default=str(ROOT / "runs/ablation"))
     p.add_argument("--codes-dir", help="cached codes to reuse (default OUT/codes), e.g. runs/pixelcnn")
-    p.add_argument("--steps", type=int, default=150, help="training steps per variant (batch 16)")
+    p.add_argument("--steps", type=int, default=150, help="training steps per variant (batch 16); at most one epoch (288)")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--seed", type=int, default=0)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     vqvae = VQVAE.load(args.vqvae)
     train = data.load_split(args.data_dir, "train", args.seed)  # the band the samples must hit: see generation_quality
     area_range = brain_area_range(data.iter_batches(train.images, 256))
-    result: dict = {"steps": args.steps, "batch_size": 16, "samples": args.samples}
+    result: dict = {"batch_size": 16, "samples": args.samples}
     codes_dir = Path(args.codes_dir or Path(args.out) / "codes")  # encoded once, shared by every variant
     for name in args.variants.split(","):
         out = Path(args.out) / name
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         record = train_pixelcnn.main(argv_variant)
         prior = GatedPixelCNN.load(out / "best", vqvae=vqvae)
         images = vqvae.decode(sample_codes(prior, n=args.samples, seed=args.seed))
+        result["steps"] = record["steps"]  # what ran: --steps is capped at one epoch (288 steps of 16 grids)
         result[name] = {"val_bits_per_code": record["val_bits"], "val_accuracy": record["val_acc"],
                         "single_component_rate": float(np.mean([brain_regions(x)[0] == 1 for x in images])),
                         "whole_brain_rate": float(np.mean(whole_brain(images, area_range)))}

@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Same sampler with or without torchrun: global batch s holds the same grids at any world size.
     loader = data.make_loader(dataset, args.batch_size, shuffle=True, seed=args.seed,
                               distributed=runtime.distributed, drop_last=True)
+    steps_per_epoch = min(len(loader), args.max_steps or len(loader))
     for epoch in range(start_epoch, args.epochs):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(epoch, args)
@@ -189,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
         val = evaluate_nll(model, val_codes, runtime, args.batch_size)
         record = {"epoch": epoch + 1, "train_bits": nats_to_bits(sums["nll"] / sums["n"]),
                   "val_bits": nats_to_bits(val["nll"]), "train_acc": sums["acc"] / sums["n"], "val_acc": val["acc"],
-                  "unigram_bits": unigram, "lr": lr_at(epoch, args), "grids_per_s": sums["n"] / (time.time() - started)}
+                  "unigram_bits": unigram, "lr": lr_at(epoch, args), "steps": steps_per_epoch,
+                  "grids_per_s": sums["n"] / (time.time() - started)}
         history.append(record)
         if runtime.is_main:
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
