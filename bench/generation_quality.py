@@ -78,6 +78,13 @@ def rate(batches, area_range: tuple[float, float]) -> float:
     return float(np.mean([ok for batch in batches for ok in whole_brain(batch, area_range)]))
 
 
+def median_area_by_class(split: data.SliceSet) -> dict[str, float]:
+    """Median brain area per class label (image-folder layouts; OASIS slices have no label)."""
+    labels = np.array([item.label or "-" for item in split.items])
+    return {label: brain_area_percentiles(real(split.images[labels == label]), (50,))[0]
+            for label in sorted(set(labels))}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vqvae", default=str(ROOT / "checkpoints/vqvae"))
@@ -95,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     samples = torch.cat([vqvae.decode(sample_codes(prior, n=min(args.batch, args.n - start),
                                                    temperature=args.temperature, seed=args.seed + start))
                          for start in range(0, args.n, args.batch)])
-    train = data.load_split(args.data_dir, "train", args.seed).images
+    train_set = data.load_split(args.data_dir, "train", args.seed)
+    train = train_set.images
     val = data.load_split(args.data_dir, "val", args.seed).images
     test = data.load_split(args.data_dir, "test", args.seed)
     pick = np.sort(np.random.default_rng(args.seed).choice(len(test), size=min(args.n, len(test)), replace=False))
@@ -117,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
               "area_p5_p50_p95": {"samples": brain_area_percentiles([samples]),
                                   "real_train": brain_area_percentiles(real(train)),
                                   "real_test": brain_area_percentiles(real(test.images))},
+              "median_area_by_class": {"real_train": median_area_by_class(train_set),
+                                       "real_test": median_area_by_class(test)},
               "test_brain_area_p5_p95": list(test_band),
               "whole_brain_rate_vs_test_band": rate([samples], test_band),
               "whole_brain_rate_real_train_vs_test_band": rate(real(train), test_band),
