@@ -167,6 +167,23 @@ def reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, flo
     return dict(zip(values, tensor.tolist()))
 
 
+@torch.no_grad()
+def sharded_means(model: torch.nn.Module, batches, runtime: Runtime, names: tuple[str, ...],
+                  measure: Callable[[torch.Tensor], dict[str, float]]) -> dict[str, float]:
+    """Per-item means of the batch sums ``measure`` returns, over this rank's ``batches`` (its shard of a
+    validation set) and all-reduced across ranks, so every rank gets the full set's means. Eval mode meanwhile."""
+    model.eval()
+    sums = dict.fromkeys((*names, "n"), 0.0)  # fixed keys and order: the all-reduce needs them on every rank
+    for batch in batches:
+        batch = batch.to(runtime.device)
+        for name, value in measure(batch).items():
+            sums[name] += float(value)
+        sums["n"] += len(batch)
+    sums = reduce_sums(sums, runtime.device)
+    model.train()
+    return {name: sums[name] / sums["n"] for name in names}
+
+
 def reduce_tensor(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A copy of ``tensor`` summed across ranks (e.g. code histograms), on the tensor's own device."""
     if not (dist.is_available() and dist.is_initialized()):

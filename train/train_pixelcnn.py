@@ -29,8 +29,8 @@ from brainvq.io import atomic_write_bytes  # noqa: E402
 from brainvq.metrics import code_histogram, entropy_bits, nats_to_bits  # noqa: E402
 from brainvq.pixelcnn import GatedPixelCNN, PixelCNNConfig  # noqa: E402
 from brainvq.training import (autocast, barrier, grad_scaler, memory_format, plot_curves,  # noqa: E402
-                              reduce_sums, resume_run, seed_everything, setup_runtime, teardown, wrap_model,
-                              write_history, write_snapshot)
+                              reduce_sums, resume_run, seed_everything, setup_runtime, sharded_means, teardown,
+                              wrap_model, write_history, write_snapshot)
 from brainvq.vqvae import VQVAE, encode_array  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults (the shipped run)
@@ -103,22 +103,15 @@ def _load_or_encode(vqvae: VQVAE, args: argparse.Namespace, split: str, out: Pat
     return codes
 
 
-@torch.no_grad()
 def evaluate_nll(prior: GatedPixelCNN, codes: torch.Tensor, runtime, batch_size: int) -> dict[str, float]:
-    """Mean NLL (nats per code) and top-1 accuracy over this rank's shard, all-reduced."""
-    prior.eval()
-    sums = {"nll": 0.0, "acc": 0.0, "n": 0.0}
-    shard = codes[runtime.rank::runtime.world_size]
-    for start in range(0, len(shard), batch_size):
-        batch = shard[start:start + batch_size].to(runtime.device)
+    """Mean NLL (nats per code) and top-1 accuracy over the validation codes, sharded across ranks."""
+    def measure(batch: torch.Tensor) -> dict[str, float]:
         with autocast(runtime.device):
             nll, acc = prior.loss(batch)
-        sums["nll"] += float(nll) * len(batch)
-        sums["acc"] += float(acc) * len(batch)
-        sums["n"] += len(batch)
-    sums = reduce_sums(sums, runtime.device)
-    prior.train()
-    return {"nll": sums["nll"] / sums["n"], "acc": sums["acc"] / sums["n"]}
+        return {"nll": float(nll) * len(batch), "acc": float(acc) * len(batch)}
+
+    shard = codes[runtime.rank::runtime.world_size]
+    return sharded_means(prior, shard.split(batch_size), runtime, ("nll", "acc"), measure)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from brainvq import checkpoint, data  # noqa: E402
 from brainvq.metrics import code_histogram, perplexity, ssim  # noqa: E402
 from brainvq.training import (autocast, check_in_sync, grad_scaler, memory_format, plot_curves,  # noqa: E402
-                              rank0_first, reduce_sums, reduce_tensor, resume_run, seed_everything,
+                              rank0_first, reduce_sums, reduce_tensor, resume_run, seed_everything, sharded_means,
                               setup_runtime, teardown, wrap_model, write_history, write_snapshot)
 from brainvq.visualize import save_triptych_figure  # noqa: E402
 from brainvq.vqvae import VQVAE, VQVAEConfig  # noqa: E402
@@ -81,23 +81,16 @@ def lr_at(epoch: int, args: argparse.Namespace) -> float:
     return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-@torch.no_grad()
 def validate(model: VQVAE, images, runtime, batch_size: int) -> dict[str, float]:
-    """Mean loss and SSIM over this rank's shard of full-size validation images, all-reduced."""
-    model.eval()
-    sums = {"loss": 0.0, "ssim": 0.0, "n": 0.0}
-    shard = images[runtime.rank::runtime.world_size]
-    for batch in data.iter_batches(shard, batch_size):
-        batch = batch.to(runtime.device)
+    """Mean loss and SSIM over full-size validation images, sharded across ranks."""
+    def measure(batch: torch.Tensor) -> dict[str, float]:
         with autocast(runtime.device):
             out = model(batch)
-        n = len(batch)
-        sums["loss"] += float(out.loss) * n
-        sums["ssim"] += float(ssim(out.recon.float(), batch, per_image=True).sum())
-        sums["n"] += n
-    sums = reduce_sums(sums, runtime.device)
-    model.train()
-    return {"loss": sums["loss"] / sums["n"], "ssim": sums["ssim"] / sums["n"]}
+        return {"loss": float(out.loss) * len(batch),
+                "ssim": float(ssim(out.recon.float(), batch, per_image=True).sum())}
+
+    shard = images[runtime.rank::runtime.world_size]
+    return sharded_means(model, data.iter_batches(shard, batch_size), runtime, ("loss", "ssim"), measure)
 
 
 def main(argv: list[str] | None = None) -> dict:
