@@ -11,7 +11,6 @@ held against the goal. Ends by printing the figures as one JSON line on stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from brainvq import data  # noqa: E402
-from brainvq.io import atomic_write_json  # noqa: E402
+from brainvq.io import write_report  # noqa: E402
 
 GOAL_CACHED_S = 0.5
 GOAL_BUILD_S = 30
@@ -100,10 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         "python": platform.python_version(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if args.json is not None:
-        atomic_write_json(args.json, result)
-    print(json.dumps(result))
-    return result
+    return write_report(result, args.json)
 
 
 if __name__ == "__main__":

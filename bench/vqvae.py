@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -29,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from brainvq.checkpoint import CONFIG_NAME  # noqa: E402
-from brainvq.io import atomic_write_json  # noqa: E402
+from brainvq.io import write_report  # noqa: E402
 from brainvq.vqvae import VQVAE, VQVAEConfig  # noqa: E402
 
 GOAL_LATENCY_MS = 100.0
@@ -150,10 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         "goal_latency_ms": int(GOAL_LATENCY_MS),
         "meets_latency_goal": bool(lat["median"] <= GOAL_LATENCY_MS),
     }
-    if args.json_out:
-        atomic_write_json(args.json_out, figures)
-    print(json.dumps(figures), flush=True)
-    return figures
+    return write_report(figures, args.json_out)
 
 
 if __name__ == "__main__":

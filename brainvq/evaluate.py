@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 
 from brainvq import data
-from brainvq.io import atomic_write_json
+from brainvq.io import write_report
 from brainvq.metrics import code_histogram, entropy_bits, nats_to_bits, perplexity, psnr, ssim
 from brainvq.pixelcnn import GatedPixelCNN
 from brainvq.vqvae import VQVAE, encode_array
@@ -89,9 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         prior = GatedPixelCNN.load(args.pixelcnn, vqvae=vqvae)
         train = data.load_split(args.data_dir, "train", args.seed)
         result = evaluate_prior(prior, encode_array(vqvae, test.images), encode_array(vqvae, train.images))
-    atomic_write_json(args.json, result)
-    print(json.dumps(result))
-    return result
+    return write_report(result, args.json)
 
 
 if __name__ == "__main__":
