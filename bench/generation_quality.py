@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from brainvq import data  # noqa: E402
 from brainvq.io import write_report  # noqa: E402
-from brainvq.metrics import brain_area_percentiles, brain_area_range, brain_regions, ms_ssim, ssim, whole_brain  # noqa: E402
+from brainvq.metrics import brain_area_range, brain_region_table, ms_ssim, ssim, whole_brain  # noqa: E402
 from brainvq.pixelcnn import GatedPixelCNN  # noqa: E402
 from brainvq.sampling import sample_codes  # noqa: E402
 from brainvq.visualize import save_gallery  # noqa: E402
@@ -68,21 +68,19 @@ def mean_pairwise_ms_ssim(images: torch.Tensor) -> float:
     return float(torch.cat(scores).mean())
 
 
-def real(images: np.ndarray):
-    """Real uint8 slices as float batches."""
-    return data.iter_batches(images, 256)
+def regions_of(images: np.ndarray) -> np.ndarray:
+    """The brain-region table (components, area) of real uint8 slices."""
+    return brain_region_table(data.iter_batches(images, 256))
 
 
-def rate(batches, area_range: tuple[float, float]) -> float:
-    """Whole-brain rate over an iterable of image batches."""
-    return float(np.mean([ok for batch in batches for ok in whole_brain(batch, area_range)]))
+def area_percentiles(regions: np.ndarray) -> list[float]:
+    return np.percentile(regions[:, 1], [5, 50, 95]).tolist()
 
 
-def median_area_by_class(split: data.SliceSet) -> dict[str, float]:
+def median_area_by_class(split: data.SliceSet, regions: np.ndarray) -> dict[str, float]:
     """Median brain area per class label (image-folder layouts; OASIS slices have no label)."""
     labels = np.array([item.label or "-" for item in split.items])
-    return {label: brain_area_percentiles(real(split.images[labels == label]), (50,))[0]
-            for label in sorted(set(labels))}
+    return {label: float(np.median(regions[labels == label, 1])) for label in sorted(set(labels))}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -102,34 +100,33 @@ def main(argv: list[str] | None = None) -> dict:
     samples = torch.cat([vqvae.decode(sample_codes(prior, n=min(args.batch, args.n - start),
                                                    temperature=args.temperature, seed=args.seed + start))
                          for start in range(0, args.n, args.batch)])
-    train_set = data.load_split(args.data_dir, "train", args.seed)
-    train = train_set.images
-    val = data.load_split(args.data_dir, "val", args.seed).images
+    train = data.load_split(args.data_dir, "train", args.seed)
+    val = data.load_split(args.data_dir, "val", args.seed)
     test = data.load_split(args.data_dir, "test", args.seed)
     pick = np.sort(np.random.default_rng(args.seed).choice(len(test), size=min(args.n, len(test)), replace=False))
     real_test = next(data.iter_batches(test.images[pick], len(pick)))
-    band = brain_area_range(real(train))
-    test_band = brain_area_range(real(test.images))
+    sampled = brain_region_table([samples])
+    train_regions, test_regions = regions_of(train.images), regions_of(test.images)
+    band, test_band = brain_area_range(train_regions), brain_area_range(test_regions)
 
     save_gallery(samples[:16], Path(args.gallery),
                  title=f"16 BrainVQ samples, temperature {args.temperature}, seed {args.seed}")
     result = {"n_samples": args.n, "temperature": args.temperature,
-              "realism_nn_ssim_mean": float(np.mean(nearest_ssim(samples, train))),
+              "realism_nn_ssim_mean": float(np.mean(nearest_ssim(samples, train.images))),
               "diversity_ms_ssim_samples": mean_pairwise_ms_ssim(samples),
               "diversity_ms_ssim_real_test": mean_pairwise_ms_ssim(real_test),
-              "whole_brain_rate": rate([samples], band),
-              "whole_brain_rate_real_val": rate(real(val), band),
+              "whole_brain_rate": float(whole_brain(sampled, band).mean()),
+              "whole_brain_rate_real_val": float(whole_brain(regions_of(val.images), band).mean()),
               "brain_area_band": "real train slices, 5th-95th percentile",
               "brain_area_p5_p95": list(band),
-              "single_component_rate": float(np.mean([brain_regions(image)[0] == 1 for image in samples])),
-              "area_p5_p50_p95": {"samples": brain_area_percentiles([samples]),
-                                  "real_train": brain_area_percentiles(real(train)),
-                                  "real_test": brain_area_percentiles(real(test.images))},
-              "median_area_by_class": {"real_train": median_area_by_class(train_set),
-                                       "real_test": median_area_by_class(test)},
+              "single_component_rate": float((sampled[:, 0] == 1).mean()),
+              "area_p5_p50_p95": {"samples": area_percentiles(sampled), "real_train": area_percentiles(train_regions),
+                                  "real_test": area_percentiles(test_regions)},
+              "median_area_by_class": {"real_train": median_area_by_class(train, train_regions),
+                                       "real_test": median_area_by_class(test, test_regions)},
               "test_brain_area_p5_p95": list(test_band),
-              "whole_brain_rate_vs_test_band": rate([samples], test_band),
-              "whole_brain_rate_real_train_vs_test_band": rate(real(train), test_band),
+              "whole_brain_rate_vs_test_band": float(whole_brain(sampled, test_band).mean()),
+              "whole_brain_rate_real_train_vs_test_band": float(whole_brain(train_regions, test_band).mean()),
               "goal_whole_brain_rate": 0.9, "gallery": os.path.relpath(args.gallery, ROOT)}
     return write_report(result, args.json)
 

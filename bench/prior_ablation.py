@@ -17,13 +17,12 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from brainvq import data  # noqa: E402
 from brainvq.io import write_report  # noqa: E402
-from brainvq.metrics import brain_area_range, brain_regions, whole_brain  # noqa: E402
+from brainvq.metrics import brain_area_range, brain_region_table, whole_brain  # noqa: E402
 from brainvq.pixelcnn import GatedPixelCNN  # noqa: E402
 from brainvq.sampling import sample_codes  # noqa: E402
 from brainvq.vqvae import VQVAE  # noqa: E402
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     vqvae = VQVAE.load(args.vqvae)
     train = data.load_split(args.data_dir, "train", args.seed)  # the band the samples must hit: see generation_quality
-    area_range = brain_area_range(data.iter_batches(train.images, 256))
+    area_range = brain_area_range(brain_region_table(data.iter_batches(train.images, 256)))
     result: dict = {"batch_size": 16, "samples": args.samples}
     codes_dir = Path(args.codes_dir or Path(args.out) / "codes")  # encoded once, shared by every variant
     for name in args.variants.split(","):
@@ -61,11 +60,11 @@ def main(argv: list[str] | None = None) -> dict:
             argv_variant += ["--data-dir", args.data_dir]
         record = train_pixelcnn.main(argv_variant)
         prior = GatedPixelCNN.load(out / "best", vqvae=vqvae)
-        images = vqvae.decode(sample_codes(prior, n=args.samples, seed=args.seed))
+        regions = brain_region_table([vqvae.decode(sample_codes(prior, n=args.samples, seed=args.seed))])
         result["steps"] = record["steps"]  # what ran: --steps is capped at one epoch (288 steps of 16 grids)
         result[name] = {"val_bits_per_code": record["val_bits"], "val_accuracy": record["val_acc"],
-                        "single_component_rate": float(np.mean([brain_regions(x)[0] == 1 for x in images])),
-                        "whole_brain_rate": float(np.mean(whole_brain(images, area_range)))}
+                        "single_component_rate": float((regions[:, 0] == 1).mean()),
+                        "whole_brain_rate": float(whole_brain(regions, area_range).mean())}
         print(name, json.dumps(result[name]), flush=True)
     result["unigram_bits_per_code"] = record["unigram_bits"]
     return write_report(result, args.json)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from pytorch_msssim import ms_ssim as _ms_ssim
 from pytorch_msssim import ssim as _ssim
@@ -60,20 +61,17 @@ def brain_regions(image: torch.Tensor) -> tuple[int, int]:
     return int(sum(size >= MIN_COMPONENT for size in sizes)), int(mask.sum())
 
 
-def whole_brain(images: torch.Tensor, area_range: tuple[float, float]) -> list[bool]:
-    """Per image: one connected brain component whose area lies inside ``area_range`` (e.g. real 5th-95th pct)."""
+def brain_region_table(batches) -> np.ndarray:
+    """``brain_regions`` of every image in an iterable of image batches, as an N x 2 array (components, area)."""
+    return np.array([brain_regions(image) for batch in batches for image in batch], dtype=np.int64).reshape(-1, 2)
+
+
+def brain_area_range(regions: np.ndarray, low: float = 5, high: float = 95) -> tuple[float, float]:
+    """The (low, high) percentiles of brain area in real slices' region table: the band a whole brain must hit."""
+    return float(np.percentile(regions[:, 1], low)), float(np.percentile(regions[:, 1], high))
+
+
+def whole_brain(regions: np.ndarray, area_range: tuple[float, float]) -> np.ndarray:
+    """Per row of a region table: one connected brain component whose area lies inside ``area_range``."""
     low, high = area_range
-    return [count == 1 and low <= area <= high for count, area in map(brain_regions, images)]
-
-
-def brain_area_percentiles(batches, q: tuple[float, ...] = (5, 50, 95)) -> list[float]:
-    """Percentiles ``q`` of brain area over real slices, given as an iterable of image batches."""
-    import numpy as np
-
-    areas = np.array([brain_regions(image)[1] for batch in batches for image in batch])
-    return np.percentile(areas, q).tolist()
-
-
-def brain_area_range(batches, low: float = 5, high: float = 95) -> tuple[float, float]:
-    """The (low, high) percentiles of brain area over real slices: the band a whole generated brain must hit."""
-    return tuple(brain_area_percentiles(batches, (low, high)))
+    return (regions[:, 0] == 1) & (regions[:, 1] >= low) & (regions[:, 1] <= high)

@@ -119,8 +119,10 @@ def test_brain_regions_counts_components_and_ignores_specks():
 
 def test_whole_brain_needs_one_component_inside_the_area_band():
     images = torch.stack([_discs((32, 32, r)) for r in (8, 10, 12, 14)] + [_discs((16, 16, 8), (48, 48, 8))])
-    band = metrics.brain_area_range([images[:4]], low=25, high=75)
+    regions = metrics.brain_region_table([images])
+    band = metrics.brain_area_range(regions[:4], low=25, high=75)
     assert band[0] < band[1]
-    assert metrics.whole_brain(images, band) == [False, True, True, False, False]
-    assert metrics.brain_area_percentiles([images[:2], images[2:4]], (0, 100)) == [
-        float(metrics.brain_regions(images[0])[1]), float(metrics.brain_regions(images[3])[1])]
+    assert metrics.whole_brain(regions, band).tolist() == [False, True, True, False, False]
+    assert metrics.brain_region_table([images[:2], images[2:4]]).tolist() == [
+        list(metrics.brain_regions(image)) for image in images[:4]]
+    assert metrics.brain_region_table([]).shape == (0, 2)
