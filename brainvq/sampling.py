@@ -106,7 +106,7 @@ class _FastSampler:
         n, size = codes.shape[0], prior.cfg.grid_size
         self.size, self.row = size, -1
         self.x = prior.embed_codes(codes)                       # (B,E,H,W), zeros where unsampled
-        pos = prior.pos if prior.pos is not None else None
+        pos = prior.pos
         # v_in[l] is the input grid of layer l's vertical stack; v_in[l+1] its output
         self.v = [self.x] + [self.x.new_zeros(n, prior.cfg.channels, size, size) for _ in prior.layers]
         self.h_pos = [(layer.h_pos(pos)[0] if pos is not None else None) for layer in prior.layers]
@@ -160,8 +160,7 @@ class _FastSampler:
                 d = layer.dilation
                 window = self.h_src[l][:, :, col - d:col + 1:d]
             pre = F.linear(window.flatten(1), self.h_weights[l], layer.h_conv.bias) + self.links[l][:, :, j]
-            a, b = pre.chunk(2, dim=1)
-            update = F.linear(torch.tanh(a) * torch.sigmoid(b), layer.h_out.weight[:, :, 0, 0], layer.h_out.bias)
+            update = F.linear(gate(pre), layer.h_out.weight[:, :, 0, 0], layer.h_out.bias)
             h = update if layer.first else h + update
         for conv in self.head:
             h = F.linear(F.relu(h), conv.weight[:, :, 0, 0], conv.bias)
