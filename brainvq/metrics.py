@@ -75,3 +75,44 @@ def whole_brain(regions: np.ndarray, area_range: tuple[float, float]) -> np.ndar
     """Per row of a region table: one connected brain component whose area lies inside ``area_range``."""
     low, high = area_range
     return (regions[:, 0] == 1) & (regions[:, 1] >= low) & (regions[:, 1] <= high)
+
+
+# ----------------------------------------------------------------------------- detection (anomaly maps)
+
+
+def _ranked_counts(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """True and false positives at every distinct threshold, from the highest score down (ties kept together)."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="mergesort")
+    ranked, hits = np.asarray(scores)[order], np.asarray(labels, dtype=bool)[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
+    tp = np.cumsum(hits)[last_of_tie]
+    return tp, last_of_tie + 1 - tp
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the precision-recall curve as a step sum, sum_n (R_n - R_n-1) P_n (as scikit-learn defines it)."""
+    tp, fp = _ranked_counts(scores, labels)
+    if tp[-1] == 0:
+        return float("nan")
+    recall = tp / tp[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * tp / (tp + fp)))
+
+
+def best_dice(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """The highest Dice over all thresholds of ``scores``, and the threshold that reaches it."""
+    tp, fp = _ranked_counts(scores, labels)
+    dice = 2 * tp / (tp[-1] + tp + fp)
+    best = int(np.argmax(dice))
+    return float(dice[best]), float(np.sort(np.asarray(scores, dtype=np.float64))[::-1][tp[best] + fp[best] - 1])
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: the chance that a positive outscores a negative (ties count one half)."""
+    from scipy.stats import rankdata
+
+    labels = np.asarray(labels, dtype=bool)
+    positives, negatives = labels.sum(), (~labels).sum()
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import pytorch_msssim
 import torch
@@ -126,3 +127,43 @@ def test_whole_brain_needs_one_component_inside_the_area_band():
     assert metrics.brain_region_table([images[:2], images[2:4]]).tolist() == [
         list(metrics.brain_regions(image)) for image in images[:4]]
     assert metrics.brain_region_table([]).shape == (0, 2)
+
+
+# ----------------------------------------------------------------------------- detection metrics
+
+
+def _brute_force(scores, labels):
+    """AP, best Dice and AUROC straight from their definitions, one threshold at a time."""
+    thresholds = sorted(set(scores), reverse=True)
+    positives = sum(labels)
+    ap, previous_recall, dice = 0.0, 0.0, 0.0
+    for t in thresholds:
+        tp = sum(1 for s, y in zip(scores, labels) if s >= t and y)
+        fp = sum(1 for s, y in zip(scores, labels) if s >= t and not y)
+        ap += (tp / positives - previous_recall) * tp / (tp + fp)
+        previous_recall = tp / positives
+        dice = max(dice, 2 * tp / (positives + tp + fp))
+    pairs = [(p, n) for p, yp in zip(scores, labels) if yp for n, yn in zip(scores, labels) if not yn]
+    auc = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
+    return ap, dice, auc
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_detection_metrics_match_their_definitions_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, size=40).astype(float)  # few distinct values: many ties
+    labels = rng.random(40) < 0.3
+    ap, dice, auc = _brute_force(list(scores), list(labels))
+    assert metrics.average_precision(scores, labels) == pytest.approx(ap)
+    assert metrics.best_dice(scores, labels)[0] == pytest.approx(dice)
+    assert metrics.auroc(scores, labels) == pytest.approx(auc)
+
+
+def test_detection_metrics_extremes():
+    labels = np.array([0, 0, 1, 1], dtype=bool)
+    assert metrics.average_precision(np.array([0.1, 0.2, 0.8, 0.9]), labels) == pytest.approx(1.0)
+    assert metrics.auroc(np.array([0.1, 0.2, 0.8, 0.9]), labels) == pytest.approx(1.0)
+    assert metrics.auroc(np.array([0.9, 0.8, 0.2, 0.1]), labels) == pytest.approx(0.0)
+    assert metrics.best_dice(np.array([0.1, 0.2, 0.8, 0.9]), labels) == (pytest.approx(1.0), pytest.approx(0.8))
+    assert math.isnan(metrics.average_precision(np.ones(3), np.zeros(3, dtype=bool)))
+    assert math.isnan(metrics.auroc(np.ones(3), np.ones(3, dtype=bool)))
