@@ -1,0 +1,142 @@
+"""Does an image look like an axial brain slice of the kind the models know? Judged by the models themselves.
+
+Features of a 256x256 slice (float, [0,1]):
+
+  bits          the prior's mean NLL per code over the whole grid (likelihood);
+  brain_bits    the same over the brain's codes;
+  ssim_brain    SSIM of the VQ-VAE reconstruction over the brain's bounding box (reconstruction);
+  area          brain pixels (brainvq.lesions.brain_mask: the largest bright region, holes filled);
+  aspect        the brain's bounding-box height / width (axial brains are taller than wide);
+  solidity      brain area / its convex hull's area (a brain is a compact oval);
+  offset        distance in pixels from the brain's centroid to the frame's centre;
+  outside       share of the pixels outside the brain that are not black (photos, text, noise).
+
+A slice passes when every feature lies inside limits set on validation slices (``fit_limits``): the 0.5th and
+99.5th percentiles, each widened by half its distance to the median. Limits are stored with the fingerprints of
+the models they were measured with (``checkpoints/anomaly/slice_check.json``, written by bench/slice_check.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.spatial import ConvexHull
+
+from brainvq.io import atomic_write_json
+from brainvq.lesions import BRAIN_LEVEL, brain_mask
+from brainvq.metrics import ssim
+
+FEATURES = ("bits", "brain_bits", "ssim_brain", "area", "aspect", "solidity", "offset", "outside")
+LIMITS_NAME = "slice_check.json"
+MIN_BRAIN = 500          # pixels: less than this is no brain at all
+LOW_Q, HIGH_Q, WIDEN = 0.5, 99.5, 0.5
+
+
+def brain_box(brain: np.ndarray) -> tuple[slice, slice]:
+    """The bounding box of a non-empty mask, as slices."""
+    rows, cols = np.flatnonzero(brain.any(1)), np.flatnonzero(brain.any(0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def ssim_in_box(recon: torch.Tensor, image: torch.Tensor, brain: np.ndarray) -> float | None:
+    """SSIM of (1,1,H,W) images over the brain's bounding box (None when there is no box of 11x11 pixels)."""
+    if brain.sum() == 0:
+        return None
+    rows, cols = brain_box(brain)
+    if rows.stop - rows.start < 11 or cols.stop - cols.start < 11:
+        return None
+    return float(ssim(recon[..., rows, cols], image[..., rows, cols]))
+
+
+@torch.no_grad()
+def features(vqvae, prior, images: np.ndarray) -> list[dict[str, float | None]]:
+    """The features of each float (256,256) slice of a batch; shape features are None without a brain."""
+    x = torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
+    codes = vqvae.encode(x)
+    recon = vqvae.decode(codes).clamp(0, 1).float()
+    nll = F.cross_entropy(prior(codes).float(), codes, reduction="none") / np.log(2)
+    grid = codes.shape[-1]
+    out = []
+    for k, image in enumerate(np.asarray(images, dtype=np.float32)):
+        brain = brain_mask(image)
+        f: dict[str, float | None] = dict.fromkeys(FEATURES)
+        f["bits"], f["area"] = float(nll[k].mean()), float(brain.sum())
+        if brain.sum() >= MIN_BRAIN:
+            patch = image.shape[-1] // grid
+            on_codes = torch.from_numpy(brain.reshape(grid, patch, grid, patch).any((1, 3)))
+            rows, cols = brain_box(brain)
+            ys, xs = np.nonzero(brain)
+            f.update(brain_bits=float(nll[k][on_codes].mean()),
+                     ssim_brain=ssim_in_box(recon[k:k + 1], x[k:k + 1], brain),
+                     aspect=(rows.stop - rows.start) / (cols.stop - cols.start),
+                     solidity=float(brain.sum() / ConvexHull(np.c_[ys, xs]).volume),
+                     offset=float(np.hypot(ys.mean() - (image.shape[0] - 1) / 2, xs.mean() - (image.shape[1] - 1) / 2)),
+                     outside=float((image[~brain] > BRAIN_LEVEL).mean()))
+        out.append(f)
+    return out
+
+
+@dataclass
+class Limits:
+    """Per-feature (low, high) limits and the models they were measured with."""
+
+    limits: dict[str, tuple[float, float]]
+    models: dict[str, str]
+    notes: dict = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return atomic_write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Limits":
+        raw = json.loads(Path(path).read_text())
+        return cls({k: tuple(v) for k, v in raw["limits"].items()}, raw["models"], raw.get("notes", {}))
+
+
+def fit_limits(rows: list[dict[str, float | None]]) -> dict[str, tuple[float, float]]:
+    """Each feature's validation 0.5th-99.5th percentile range, widened by half its distance to the median."""
+    out = {}
+    for name in FEATURES:
+        values = np.array([r[name] for r in rows if r[name] is not None], dtype=np.float64)
+        low, median, high = np.percentile(values, [LOW_Q, 50, HIGH_Q])
+        out[name] = (float(low - WIDEN * (median - low)), float(high + WIDEN * (high - median)))
+    return out
+
+
+@dataclass
+class Verdict:
+    """Whether a slice looks like the axial brain slices the models know, and why not."""
+
+    ok: bool
+    reasons: list[str]
+    features: dict[str, float | None]
+
+
+WHY = {"bits": "the prior finds its codes unlikely ({v:.2f} bits/code; brain slices {lo:.2f}-{hi:.2f})",
+       "brain_bits": "the prior finds the brain's codes unlikely ({v:.2f} bits/code; brain slices {lo:.2f}-{hi:.2f})",
+       "ssim_brain": "the VQ-VAE reconstructs the brain poorly (SSIM {v:.3f} over the brain; brain slices {lo:.3f}-{hi:.3f})",
+       "area": "its bright region is {size} for a brain slice ({v:,.0f} pixels; brain slices {lo:,.0f}-{hi:,.0f})",
+       "aspect": "its outline has the wrong proportions for an axial slice (height/width {v:.2f}; brain slices {lo:.2f}-{hi:.2f})",
+       "solidity": "its outline is not the compact oval of an axial slice (solidity {v:.2f}; brain slices {lo:.2f}-{hi:.2f})",
+       "offset": "the brain is off centre ({v:.0f} pixels; brain slices up to {hi:.0f})",
+       "outside": "it has content outside the brain ({v:.0%} of the background is not black; brain slices up to {hi:.1%})"}
+
+
+def judge(row: dict[str, float | None], limits: dict[str, tuple[float, float]]) -> Verdict:
+    """A slice passes when every feature is inside its limits; a slice without a brain fails outright."""
+    if row["area"] is not None and row["area"] < MIN_BRAIN:
+        return Verdict(False, [f"no brain found: only {row['area']:,.0f} pixels are brighter than the background"],
+                       row)
+    reasons = []
+    for name in FEATURES:
+        v = row[name]
+        lo, hi = limits[name]
+        if v is None or lo <= v <= hi:
+            continue
+        reasons.append(WHY[name].format(v=v, lo=lo, hi=hi, size="too small" if v < lo else "too large"))
+    return Verdict(not reasons, reasons, row)
