@@ -10,8 +10,9 @@ the search pool. The other validation slices (up to 300) are the healthy calibra
   2. each component's smoothing (sigma 2, 4 or 8 px) is the one with the best pixel AP on the pool;
   3. the method is the subset of {recon, surprise, ratio, restoration} whose combination (max of the scaled
      maps) has the best pixel AP on the pool; the image score's quantile (0.99, 0.999, 1) the best image AUROC;
-  4. the calibration (scales, restoration threshold, healthy image scores) of that method is measured on the
-     healthy calibration set and written to CHECKPOINTS/anomaly/calibration.json.
+  4. the calibration is written to CHECKPOINTS/anomaly/calibration.json: the components' scales (the pool's
+     healthy slices), the overlay threshold (best Dice on the pool), and the restoration threshold and healthy
+     image scores (the healthy calibration set).
 Test (seed --test-seed): 300 test slices, 240 with a lesion (16 per kind and size), 60 healthy. Every method
 is scored the same way: pixel AP over the brain pixels of all 300 slices, the best Dice over thresholds, and
 image AUROC (lesioned vs healthy) of the image score; per kind, over that kind's slices plus the healthy ones.
@@ -91,13 +92,6 @@ def scores(maps: np.ndarray, masks: np.ndarray, truth: dict, quantile: float) ->
     return result
 
 
-def combined(maps: dict[str, np.ndarray], names, scales: dict, masks: np.ndarray) -> np.ndarray:
-    scaled = [anomaly.scale(maps[n], *scales[n]) for n in names]
-    return np.where(masks, np.maximum(np.maximum.reduce(scaled), 0.0), 0.0)
-
-
-def pool_scales(maps: dict[str, np.ndarray], masks: np.ndarray, healthy: np.ndarray) -> dict:
-    return {n: tuple(float(v) for v in np.quantile(m[healthy][masks[healthy]], [0.5, 0.99])) for n, m in maps.items()}
 
 
 def choose(detector, val: data.SliceSet, args) -> tuple[anomaly.Calibration, dict]:
@@ -124,19 +118,22 @@ def choose(detector, val: data.SliceSet, args) -> tuple[anomaly.Calibration, dic
             if best is None or ap > best[0]:
                 best = (ap, sigma, m)
         settings.sigma[name], maps[name] = best[1], best[2]
-    scales = pool_scales(maps, masks, is_healthy)
+    scales = anomaly.fit_scales([{n: maps[n][k] for n in names} for k in np.flatnonzero(is_healthy)],
+                                masks[is_healthy])
     best = None
     for r in range(1, len(names) + 1):
         for subset in itertools.combinations(names, r):
-            ap = scores(combined(maps, subset, scales, masks), masks, pool, 1.0)["pixel_ap"]
+            ap = scores(anomaly.combine(maps, masks, scales, subset), masks, pool, 1.0)["pixel_ap"]
             search["subsets"]["+".join(subset)] = ap
             if best is None or ap > best[0]:
                 best = (ap, subset)
     settings.components = best[1]
-    chosen = combined(maps, settings.components, scales, masks)
+    chosen = anomaly.combine(maps, masks, scales, settings.components)
     for q in QUANTILES:
         search["quantile"][str(q)] = scores(chosen, masks, pool, q)["image_auroc"]
     settings.image_quantile = float(max(QUANTILES, key=lambda q: search["quantile"][str(q)]))
+    pool_brain = pool["brain"]
+    search["best_dice"], pixel_threshold = best_dice(chosen[pool_brain], pool["label"][pool_brain])
     if "restoration" in settings.components:   # the healthy set was measured without it
         healthy = measure(detector, rest_images, settings.components, threshold, args.sampling_seed, args.batch,
                           "val healthy (restoration)")
@@ -147,7 +144,8 @@ def choose(detector, val: data.SliceSet, args) -> tuple[anomaly.Calibration, dic
              "sampling_seed": args.sampling_seed, "healthy_slices": len(healthy),
              "search_pool": {"lesioned": int((~is_healthy).sum()), "healthy": int(is_healthy.sum())},
              "made_by": "bench/anomaly.py"}
-    calibration = anomaly.calibrate(healthy, settings, detector.fingerprints(), threshold, notes)
+    calibration = anomaly.calibrate(healthy, settings, detector.fingerprints(), threshold, scales, pixel_threshold,
+                                    notes)
     return calibration, search
 
 
@@ -167,7 +165,7 @@ def evaluate(detector, calibration: anomaly.Calibration, test: data.SliceSet, ar
         maps = np.where(masks, np.stack([r.components[name] for r in found]), 0.0)
         results[name] = scores(maps, masks, truth, settings.image_quantile)
     for r in found:
-        r.map = anomaly.combine(r.components, r.brain, calibration)
+        r.map = anomaly.combine(r.components, r.brain, calibration.scales, settings.components)
     results["chosen"] = scores(np.stack([r.map for r in found]), masks, truth, settings.image_quantile)
     return results, {"truth": truth, "found": found}
 
@@ -195,11 +193,12 @@ def figure(calibration: anomaly.Calibration, shown: dict, path: Path) -> None:
             ax.imshow(img, cmap=cmap)
             ax.set_title(title, fontsize=9)
             ax.axis("off")
-        overlay = np.ma.masked_less_equal(r.map, 1.0)
-        row[-1].imshow(overlay, cmap="autumn", alpha=0.6, vmin=1, vmax=max(3.0, float(r.map.max())))
+        overlay = np.ma.masked_less(r.map, calibration.pixel_threshold)
+        row[-1].imshow(overlay, cmap="autumn", alpha=0.6, vmin=calibration.pixel_threshold,
+                       vmax=max(2 * calibration.pixel_threshold, float(r.map.max())))
         row[-1].set_title(f"anomaly map (score {image_score_text(r, calibration)})", fontsize=9)
-    fig.suptitle("Synthetic test lesions: the prior's NLL, a restoration and the anomaly map (red: above the "
-                 "healthy 99th percentile)", fontsize=10)
+    fig.suptitle("Synthetic test lesions: the prior's NLL, a restoration and the anomaly map (coloured: above the "
+                 "threshold with the best Dice on validation)", fontsize=10)
     fig.tight_layout()
     atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=80))
     plt.close(fig)
@@ -239,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--test-per-cell", type=int, default=16, help="test lesions per kind and size")
     p.add_argument("--test-healthy", type=int, default=60)
     p.add_argument("--calibration-slices", type=int, default=300, help="healthy validation slices calibrated on")
-    p.add_argument("--batch", type=int, default=6)
+    p.add_argument("--batch", type=int, default=24, help="slices measured at once (restorations share a sampler)")
     p.add_argument("--figure", default=str(ROOT / "docs/anomaly.png"))
     p.add_argument("--timing-only", action="store_true", help="only time one slice (run it with the trainer paused)")
     p.add_argument("--repeats", type=int, default=5)

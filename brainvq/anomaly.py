@@ -97,6 +97,7 @@ class Calibration:
     scales: dict[str, tuple[float, float]]                 # component -> (median, 99th percentile), healthy brain
     healthy_scores: list[float]                            # image scores of healthy validation slices, sorted
     restore_threshold: float                               # surprise (bits) above which a code is resampled
+    pixel_threshold: float = 1.0                           # map value with the best Dice on validation lesions
     notes: dict = field(default_factory=dict)              # how it was made (data, seeds, counts)
 
     def percentile(self, score: float) -> float:
@@ -160,9 +161,11 @@ def scale(raw: np.ndarray, median: float, high: float) -> np.ndarray:
     return (raw - median) / max(high - median, 1e-8)
 
 
-def combine(components: dict[str, np.ndarray], brain: np.ndarray, calibration: Calibration) -> np.ndarray:
-    """The anomaly map: the largest scaled component at each pixel, clipped at 0, 0 outside the brain."""
-    scaled = [scale(components[name], *calibration.scales[name]) for name in calibration.settings.components]
+def combine(components: dict[str, np.ndarray], brain: np.ndarray, scales: dict[str, tuple[float, float]],
+            names: Sequence[str]) -> np.ndarray:
+    """The anomaly map: the largest scaled component ``names`` at each pixel, clipped at 0, 0 outside the brain
+    (maps and brain of one slice, or stacks of them)."""
+    scaled = [scale(components[name], *scales[name]) for name in names]
     return np.where(brain, np.maximum(np.maximum.reduce(scaled), 0.0), 0.0).astype(np.float32)
 
 
@@ -298,7 +301,7 @@ class Detector:
         names = list(settings.components) + ["nll"] + (["restoration"] if restore else [])
         results = self.measure(images, names, settings, calibration.restore_threshold, seed, progress)
         for result in results:
-            result.map = combine(result.components, result.brain, calibration)
+            result.map = combine(result.components, result.brain, calibration.scales, settings.components)
             result.score = image_score(result.map, result.brain, settings.image_quantile)
             result.percentile = calibration.percentile(result.score)
         return results
@@ -313,14 +316,17 @@ def restore_threshold(healthy: Sequence[Analysis], fraction: float) -> float:
     return float(np.quantile(np.concatenate(values), 1 - fraction))
 
 
-def calibrate(healthy: Sequence[Analysis], settings: Settings, models: dict[str, str | None],
-              threshold: float, notes: dict | None = None) -> Calibration:
-    """Scales and healthy image scores of ``settings`` from healthy slices measured with its components."""
-    scales = fit_scales([{n: a.components[n] for n in settings.components} for a in healthy],
-                        [a.brain for a in healthy])
-    calibration = Calibration(settings, models, scales, [], threshold, notes or {})
-    calibration.healthy_scores = sorted(image_score(combine(a.components, a.brain, calibration), a.brain,
-                                                    settings.image_quantile) for a in healthy)
+def calibrate(healthy: Sequence[Analysis], settings: Settings, models: dict[str, str | None], threshold: float,
+              scales: dict[str, tuple[float, float]] | None = None, pixel_threshold: float = 1.0,
+              notes: dict | None = None) -> Calibration:
+    """The healthy image scores of ``settings`` from healthy slices measured with its components; the scales
+    too unless given (measured on other healthy slices)."""
+    scales = scales or fit_scales([{n: a.components[n] for n in settings.components} for a in healthy],
+                                  [a.brain for a in healthy])
+    scales = {n: scales[n] for n in settings.components}
+    calibration = Calibration(settings, models, scales, [], threshold, pixel_threshold, notes or {})
+    maps = [combine(a.components, a.brain, scales, settings.components) for a in healthy]
+    calibration.healthy_scores = sorted(image_score(m, a.brain, settings.image_quantile) for m, a in zip(maps, healthy))
     return calibration
 
 

@@ -145,12 +145,13 @@ def test_analyze_gives_calibrated_maps_and_scores(bundle):
 def test_combine_scales_each_component_by_its_healthy_statistics():
     brain = np.zeros((4, 4), dtype=bool)
     brain[1:3, 1:3] = True
-    cal = anomaly.Calibration(anomaly.Settings(components=("recon", "nll")), {}, {"recon": (1.0, 3.0),
-                                                                                 "nll": (0.0, 10.0)}, [0.0], 0.0)
+    scales, names = {"recon": (1.0, 3.0), "nll": (0.0, 10.0)}, ("recon", "nll")
     comps = {"recon": np.full((4, 4), 5.0), "nll": np.full((4, 4), 40.0)}
-    out = anomaly.combine(comps, brain, cal)
+    out = anomaly.combine(comps, brain, scales, names)
     assert np.allclose(out[brain], 4.0) and not out[~brain].any()      # max((5-1)/2, 40/10)
-    assert not anomaly.combine({"recon": np.zeros((4, 4)), "nll": np.zeros((4, 4))}, brain, cal).any()  # clipped
+    assert not anomaly.combine({"recon": np.zeros((4, 4)), "nll": np.zeros((4, 4))}, brain, scales, names).any()
+    stack = anomaly.combine({k: np.stack([v, v]) for k, v in comps.items()}, np.stack([brain, brain]), scales, names)
+    assert np.array_equal(stack[1], out)
 
 
 def test_calibration_must_match_the_models(bundle, tmp_path):
