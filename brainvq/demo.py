@@ -271,7 +271,7 @@ def generate_stream(bundle, n: int = 4, temperature: float = 1.0, top_k: int = 0
     if every is not None and (not isinstance(every, int) or every < 1):
         raise GenerationError(f"every must be a positive number of positions, not {every!r}.")
     progress = None
-    for progress in sample(bundle.prior, n, temperature, top_k, seed, method="fast", every=every or size):
+    for progress in sample(bundle.prior, n, temperature, top_k, seed=seed, method="fast", every=every or size):
         if not progress.done:
             yield GenerationFrame(_grid_mosaic(progress.codes, num_codes), progress.filled, progress.total, seed)
     codes = progress.codes.to(next(bundle.vqvae.parameters()).device)
