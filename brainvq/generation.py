@@ -57,26 +57,27 @@ def _as_int(value, name: str) -> int:
     return int(number)
 
 
+def _as_float(value, problem: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise GenerationError(problem) from None
+
+
 def check_generation(n, temperature, top_k, top_p, seed, num_codes: int
                      ) -> tuple[int, float, int | None, float | None, int]:
     """Validate generation settings; returns (n, temperature, top_k, top_p, seed), top-k and top-p None when off."""
     n = _as_int(n, "The number of samples")
     if not 1 <= n <= MAX_SAMPLES:
         raise GenerationError(f"The number of samples must be between 1 and {MAX_SAMPLES}, not {n}.")
-    try:
-        temperature = float(temperature)
-    except (TypeError, ValueError):
-        raise GenerationError(f"Temperature must be a number between 0 and {MAX_TEMPERATURE}.") from None
+    temperature = _as_float(temperature, f"Temperature must be a number between 0 and {MAX_TEMPERATURE}.")
     if not 0.0 <= temperature <= MAX_TEMPERATURE:  # also catches NaN
         raise GenerationError(f"Temperature must be between 0 and {MAX_TEMPERATURE:g} (0 = greedy), "
                               f"not {temperature:g}.")
     top_k = _as_int(top_k, "Top-k")
     if not 0 <= top_k <= num_codes:
         raise GenerationError(f"Top-k must be between 0 (off) and K = {num_codes}, not {top_k}.")
-    try:
-        top_p = float(top_p)
-    except (TypeError, ValueError):
-        raise GenerationError("Top-p must be a number above 0 and at most 1 (1 = off).") from None
+    top_p = _as_float(top_p, "Top-p must be a number above 0 and at most 1 (1 = off).")
     if not 0.0 < top_p <= 1.0:
         raise GenerationError(f"Top-p must be above 0 and at most 1 (1 = off), not {top_p:g}.")
     seed = _as_int(seed, "The seed")

@@ -327,8 +327,9 @@ class _FastLogits:
     Each request keeps, for each layer, a ring buffer of the rows of that layer's vertical-stack input that
     later rows read (layer 0: the k//2 embedded rows above; a dilated layer: the row d above), zeros before the
     first row as the convolutions' padding. The batch keeps each layer's horizontal-stack input for the
-    current row (left-padded with zeros) and the vertical stack's contribution (``link``) to every column.
-    Convolutions are matrix products over the taps of each position, with at least ``MIN_ROWS`` rows.
+    current row (left-padded with zeros, channels last) and the vertical stack's contribution (``link``, plus
+    the horizontal convolution's bias) to every column. Convolutions are matrix products over the taps of each
+    position, with at least ``MIN_ROWS`` rows.
     """
 
     def __init__(self, prior: GatedPixelCNN):
@@ -341,19 +342,26 @@ class _FastLogits:
         def rows_last(conv):  # (2C,H,W) positional term as (H, W, 2C), so a row of it is (W, 2C)
             return conv(pos)[0].permute(1, 2, 0).contiguous() if pos is not None else None
 
-        def matrix(conv, taps_last=False):  # conv weight as (out, in * taps), or (out, taps * in)
-            weight = conv.weight.permute(0, 2, 3, 1) if taps_last else conv.weight
-            return weight.flatten(1).contiguous(), conv.bias
+        def taps_last(conv):  # (out, in, kh, kw) -> (out, kh * kw * in): the taps of a position, channels last
+            return conv.weight.permute(0, 2, 3, 1).flatten(1).contiguous()
+
+        def matrix(conv):     # a 1x1 convolution as (weight, bias)
+            return conv.weight.flatten(1), conv.bias
 
         with torch.no_grad():
             self.v_pos = [rows_last(layer.v_pos) for layer in self.layers]
             self.h_pos = [rows_last(layer.h_pos) for layer in self.layers]
-            self.v_layers = [(matrix(layer.v_conv, taps_last=True), matrix(layer.link), matrix(layer.v_out))
+            self.v_layers = [((taps_last(layer.v_conv), layer.v_conv.bias), matrix(layer.link), matrix(layer.v_out))
                              for layer in self.layers]
-            # the horizontal stack's weights, looked up once: each step runs through them all
-            self.h_layers = [(layer.first, layer.half if layer.first else layer.dilation,
-                              None if layer.first else matrix(layer.h_in), matrix(layer.h_conv), matrix(layer.h_out))
-                             for layer in self.layers]
+            # the horizontal stack, looked up once per step: transposed weights for addmm, one per tap
+            self.h_layers = []
+            for layer in self.layers:
+                weight = taps_last(layer.h_conv).t()
+                taps = [weight] if layer.first else list(weight.chunk(2))   # dilated: the columns j-d and j
+                h_in = None if layer.first else (layer.h_in.weight.flatten(1), layer.h_in.bias)
+                self.h_layers.append((layer.first, layer.half if layer.first else layer.dilation, h_in,
+                                      [t.contiguous() for t in taps], matrix(layer.h_out)))
+            self.h_bias = [layer.h_conv.bias for layer in self.layers]
             self.head = [matrix(m) for m in prior.head if isinstance(m, torch.nn.Conv2d)]
         self.h_src: list[torch.Tensor] = []
         self.links: list[torch.Tensor] = []
@@ -387,24 +395,24 @@ class _FastLogits:
                 window = F.pad(torch.stack([above, current], 1), (0, 0, d, d))
                 taps = [window[:, k, c * d:c * d + width] for k in range(2) for c in range(3)]
             v_pre = F.linear(torch.cat(taps, -1).view(batch * width, -1), *v_conv)
-            link = F.linear(v_pre, *link_conv).view(batch, width, -1)
+            link = (F.linear(v_pre, *link_conv) + self.h_bias[l]).view(batch, width, -1)
             if self.v_pos[l] is not None:
                 v_pre = v_pre + self.v_pos[l][rows].view(batch * width, -1)
                 link = link + self.h_pos[l][rows]
             v_new = F.linear(gate(v_pre), *v_out).view(batch, width, -1)
             current = v_new if layer.first else current + v_new
             self.links.append(_pad_rows(link, padded))
-            self.h_src.append(current.new_zeros(padded, layer.h_conv.in_channels, width + self.pad))
+            self.h_src.append(current.new_zeros(padded, width + self.pad, layer.h_conv.in_channels))
 
     def logits(self, requests: list[Request], row_codes: torch.Tensor, j: int) -> torch.Tensor:
         col, h = self.pad + j, None
-        for h_src, link, (first, reach, h_in, h_conv, h_out) in zip(self.h_src, self.links, self.h_layers):
-            if first:  # the `reach` codes to the left
-                window = h_src[:, :, col - reach:col]
+        for h_src, link, (first, reach, h_in, taps, h_out) in zip(self.h_src, self.links, self.h_layers):
+            if first:  # the `reach` codes to the left, as one row of taps
+                pre = torch.addmm(link[:, j], h_src[:, col - reach:col].flatten(1), taps[0])
             else:      # this column and the one `reach` (the dilation) to the left
-                h_src[:, :, col] = F.relu(F.linear(h, *h_in))
-                window = h_src[:, :, col - reach:col + 1:reach]
-            update = F.linear(gate(F.linear(window.flatten(1), *h_conv) + link[:, j]), *h_out)
+                h_src[:, col] = F.relu(F.linear(h, *h_in))
+                pre = torch.addmm(torch.addmm(link[:, j], h_src[:, col - reach], taps[0]), h_src[:, col], taps[1])
+            update = F.linear(gate(pre), *h_out)
             h = update if first else h + update
         for weight, bias in self.head:
             h = F.linear(F.relu(h), weight, bias)
@@ -412,11 +420,11 @@ class _FastLogits:
 
     def advance(self, requests: list[Request], codes: torch.Tensor, j: int) -> None:
         """The code at column j enters the embedding row; a finished row enters each request's ring."""
-        self.h_src[0][:len(codes), :, self.pad + j] = self.prior.embed(codes)
+        self.h_src[0][:len(codes), self.pad + j] = self.prior.embed(codes)
         if j == self.size - 1:
             start, rows = 0, self.layers[0].rows
             for r in requests:
-                r.state["rings"][0][:, r.row % rows] = self.h_src[0][start:start + r.n, :, self.pad:].transpose(1, 2)
+                r.state["rings"][0][:, r.row % rows] = self.h_src[0][start:start + r.n, self.pad:]
                 start += r.n
 
     def keep(self, index: torch.Tensor) -> None:
