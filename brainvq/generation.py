@@ -13,6 +13,7 @@ import asyncio
 import math
 import threading
 import time
+import traceback
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -232,6 +233,7 @@ class Job:
         self.request, self.sampler, self.bundle, self.session = request, sampler, bundle, session
         self.next_frame = 0.0                     # monotonic time from which the loop sends a new frame
         self.decoder: LiveDecoder | None = None   # made by the render thread
+        self.error: str | None = None             # why the loop could not finish it
         self._latest: tuple[int, SampleProgress | None, bool] = (0, None, False)  # (count, grids, finished)
         self._taken = 0
         self._loop = asyncio.get_running_loop()
@@ -310,14 +312,23 @@ class Generator:
                 self._wake.clear()
                 continue
             for sampler in samplers:
-                self.positions += sum(r.n for r in sampler.step())
+                try:
+                    self.positions += sum(r.n for r in sampler.step())
+                except Exception as error:  # noqa: BLE001 - end its requests with the reason, keep serving the others
+                    traceback.print_exc()
+                    for job in jobs:
+                        if job.sampler is sampler:
+                            job.error = f"sampling failed ({type(error).__name__}: {error})"
+                            job.stop()
+                    with self._lock:
+                        self._samplers = {k: v for k, v in self._samplers.items() if v is not sampler}
             now = time.monotonic()
             interval = self.frame_seconds + self.per_user_seconds * len(jobs)
             ended = []
             for job in jobs:
                 request = job.request
                 if request.done or request.cancelled:
-                    job.post(job.sampler.progress(request), finished=True)
+                    job.post(request.progress() if job.error else job.sampler.progress(request), finished=True)
                     ended.append(job)
                 elif request.filled >= request.size and now >= job.next_frame:  # from the first full row on
                     job.post(job.sampler.progress(request))
@@ -338,6 +349,8 @@ class Generator:
         try:
             while True:
                 progress, finished = await job.next()
+                if job.error:
+                    raise GenerationError(f"The generation stopped: {job.error}. Please try again.")
                 frame = await loop.run_in_executor(self._render, self._draw, job, progress, finished)
                 yield frame
                 if finished:

@@ -160,3 +160,24 @@ def test_every_frame_shows_the_grid_sampled_so_far(bundle):
         assert frame.view.shape == (2 * 128 + 8, 4 * (128 + 2 + 128) + 3 * 8, 3)   # 5 samples: 128-pixel tiles
     progress = list(sample(bundle.prior, 5, seed=9))[-1]
     assert np.array_equal(progress.codes.numpy(), frames[-1].codes)
+
+
+def test_a_failing_sampler_ends_its_streams_with_a_clear_error(bundle):
+    generator = generation.Generator(frame_seconds=0.05, per_user_seconds=0.0)
+
+    async def main():
+        stream = generator.stream(bundle, 1, 1.0, 0, 1.0, 0)
+        await stream.__anext__()
+        sampler = generator.jobs[0].sampler
+
+        def broken():
+            raise RuntimeError("out of memory")
+
+        sampler.step = broken
+        with pytest.raises(demo.GenerationError, match="sampling failed .RuntimeError: out of memory"):
+            async for _ in stream:
+                pass
+        return await collect(generator.stream(bundle, 1, 1.0, 0, 1.0, 1), [])   # a new request still works
+
+    frames = asyncio.run(main())
+    assert frames[-1].done
