@@ -21,6 +21,7 @@ Two ways to get the logits, with identical codes for the same seed:
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -145,6 +146,7 @@ class Request:
         self.codes = _check_known(known, n, size, num_codes)
         self.free = self.codes < 0                # the positions to sample
         self.filled = 0                           # positions of the raster order done
+        self.started = False                      # admitted to the batch
         self.cancelled = False
         self.state: dict = {}                     # the engine's caches for this request
 
@@ -168,14 +170,14 @@ class BatchSampler:
     """Advances every request it holds by one position per ``step``, all in one batch.
 
     All requests sample the same column at each step, each in its own row; a new request waits for the next
-    column 0 (at most one row of steps). ``add`` and ``cancel`` may be called from any thread, ``step`` from
-    one thread at a time.
+    column 0 (at most one row of steps), and for room when ``max_grids`` grids are being sampled. ``add`` and
+    ``cancel`` may be called from any thread, ``step`` and ``progress`` from one thread at a time.
     """
 
-    def __init__(self, prior: GatedPixelCNN, method: str = "fast"):
+    def __init__(self, prior: GatedPixelCNN, method: str = "fast", max_grids: int | None = None):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        self.prior, self.method = prior.eval(), method
+        self.prior, self.method, self.max_grids = prior.eval(), method, max_grids
         self.size, self.num_codes = prior.cfg.grid_size, prior.cfg.num_codes
         self.active: list[Request] = []
         self.column = 0
@@ -206,57 +208,84 @@ class BatchSampler:
         if any(r.cancelled for r in self.active):
             self._drop_cancelled()
         if self.column == 0:
-            with self._lock:
-                joining, self._joining = [r for r in self._joining if not r.cancelled], []
-            self.active += joining
+            self._admit()
             if not self.active:
                 return []
             self._start_row()
         j = self.column
-        codes = self.known[:, j]
         if j <= self.last_free:  # else every remaining position of the row is kept: no logits needed
-            logits = self._net.logits(self.active, j)[:len(codes)]
+            logits = self._net.logits(self.active, self.codes, j)[:len(self.codes)]
             codes = draw(logits, self.uniforms[:, j], self.settings)
-            if self.keeps:
-                codes = torch.where(self.free[:, j], codes, self.known[:, j])
-        self._net.advance(self.active, codes, j)
-        codes, start = codes.cpu(), 0
-        for request in self.active:
-            request.codes[:, request.row, j] = codes[start:start + request.n]
-            request.filled += 1
-            start += request.n
+            self.codes[:, j] = torch.where(self.free[:, j], codes, self.codes[:, j]) if self.keeps else codes
+        self._net.advance(self.active, self.codes[:, j], j)
         self.column = (j + 1) % self.size
         self.steps += 1
         advanced = self.active
         if self.column == 0:
+            self._flush(self.active)
             self.active = [r for r in self.active if not r.done]
         return advanced
 
+    def _admit(self) -> None:
+        """Waiting requests join, first come first served, while there is room."""
+        with self._lock:
+            room = (self.max_grids or math.inf) - sum(r.n for r in self.active)
+            waiting, self._joining = [r for r in self._joining if not r.cancelled], []
+            for request in waiting:
+                if not self._joining and (request.n <= room or not self.active):
+                    self.active.append(request)
+                    request.started = True
+                    room -= request.n
+                else:  # no overtaking: a big request is not starved by small ones
+                    self._joining.append(request)
+
+    def progress(self, request: Request) -> SampleProgress:
+        """``request``'s grids as sampled so far (call it from the thread that steps)."""
+        if self.column and request in self.active:  # at column 0 every row is already flushed
+            self._flush([request])
+        return request.progress()
+
+    def _flush(self, requests: list[Request]) -> None:
+        """Copy the current row's codes into ``requests`` and count their filled positions."""
+        done = self.column or self.size
+        for request in requests:
+            start = self.offsets[request]
+            request.codes[:, request.row, :done] = self.codes[start:start + request.n, :done].cpu()
+            request.filled = request.row * self.size + done
+
     def _start_row(self) -> None:
-        """Per-grid settings and the current row's uniforms, kept codes and free mask, stacked over requests."""
+        """Per-grid settings and the current row's uniforms, codes (kept or -1) and free mask, stacked."""
         owners = [r for r in self.active for _ in range(r.n)]
         device = self._net.device
+        self.offsets, start = {}, 0
+        for request in self.active:
+            self.offsets[request], start = start, start + request.n
         self.settings = Settings.of(len(owners), self.num_codes,
                                     torch.tensor([r.temperature for r in owners], dtype=torch.float64),
                                     torch.tensor([r.top_k for r in owners]),
                                     torch.tensor([r.top_p for r in owners], dtype=torch.float64), device)
         self.uniforms = torch.cat([r.uniforms[:, r.row] for r in self.active]).to(device)
-        self.known = torch.cat([r.codes[:, r.row] for r in self.active]).to(device)
+        self.codes = torch.cat([r.codes[:, r.row] for r in self.active]).to(device)
         self.free = torch.cat([r.free[:, r.row] for r in self.active]).to(device)
         self._update_last_free()
         self._net.start_row(self.active)
 
     def _drop_cancelled(self) -> None:
-        owners = [r for r in self.active for _ in range(r.n)]
-        keep = torch.tensor([i for i, r in enumerate(owners) if not r.cancelled], device=self._net.device)
+        gone = [r for r in self.active if r.cancelled]
+        if self.column:
+            self._flush(gone)
+        keep = torch.tensor([i for r in self.active if not r.cancelled
+                             for i in range(self.offsets[r], self.offsets[r] + r.n)], device=self._net.device)
         self.active = [r for r in self.active if not r.cancelled]
         if not self.active:
             self.column = 0  # nobody left in this row: newcomers may start at once
         if self.column == 0:
             return  # the next row start rebuilds everything
+        self.offsets, start = {}, 0
+        for request in self.active:
+            self.offsets[request], start = start, start + request.n
         self.settings = self.settings.take(keep)
-        for name in ("uniforms", "known", "free"):
-            setattr(self, name, getattr(self, name)[keep])
+        self.uniforms, self.codes, self.free = self.uniforms[keep], self.codes[keep], self.free[keep]
         self._update_last_free()
         self._net.keep(keep)
 
@@ -280,10 +309,12 @@ class _NaiveLogits:
     def start_row(self, requests: list[Request]) -> None:
         pass
 
-    def logits(self, requests: list[Request], j: int) -> torch.Tensor:
-        codes = torch.cat([r.codes for r in requests]).to(self.device)
+    def logits(self, requests: list[Request], row_codes: torch.Tensor, j: int) -> torch.Tensor:
+        grids = torch.cat([r.codes for r in requests]).to(self.device)
         rows = torch.tensor([r.row for r in requests for _ in range(r.n)], device=self.device)
-        return self.prior(codes)[torch.arange(len(codes), device=self.device), :, rows, j]
+        index = torch.arange(len(grids), device=self.device)
+        grids[index, rows] = row_codes
+        return self.prior(grids)[index, :, rows, j]
 
     def advance(self, requests: list[Request], codes: torch.Tensor, j: int) -> None:
         pass
@@ -295,11 +326,12 @@ class _NaiveLogits:
 class _FastLogits:
     """Per-row vertical stack and per-position horizontal stack over cached activations.
 
-    Each request keeps, for each layer, ring buffers of the rows of that layer's vertical-stack input that
+    Each request keeps, for each layer, a ring buffer of the rows of that layer's vertical-stack input that
     later rows read (layer 0: the k//2 embedded rows above; a dilated layer: the row d above), zeros before the
     first row as the convolutions' padding. The batch keeps each layer's horizontal-stack input for the
-    current row (left-padded with zeros) and the vertical stack's contribution (``link``) to every column.
-    Convolutions are written as matrix products over unfolded rows, with at least ``MIN_ROWS`` rows.
+    current row (left-padded with zeros, channels last) and the vertical stack's contribution (``link``, plus
+    the horizontal convolution's bias) to every column. Convolutions are matrix products over the taps of each
+    position, with at least ``MIN_ROWS`` rows.
     """
 
     def __init__(self, prior: GatedPixelCNN):
@@ -312,20 +344,29 @@ class _FastLogits:
         def rows_last(conv):  # (2C,H,W) positional term as (H, W, 2C), so a row of it is (W, 2C)
             return conv(pos)[0].permute(1, 2, 0).contiguous() if pos is not None else None
 
+        def taps_last(conv):  # (out, in, kh, kw) -> (out, kh * kw * in): the taps of a position, channels last
+            return conv.weight.permute(0, 2, 3, 1).flatten(1).contiguous()
+
+        def matrix(conv):     # a 1x1 convolution as (weight, bias)
+            return conv.weight.flatten(1), conv.bias
+
         with torch.no_grad():
             self.v_pos = [rows_last(layer.v_pos) for layer in self.layers]
             self.h_pos = [rows_last(layer.h_pos) for layer in self.layers]
-            # the horizontal stack's weights as matrices, looked up once: each step runs through them all
-            self.h_layers = [(layer.first, layer.half if layer.first else layer.dilation,
-                              *[None if conv is None else (conv.weight.flatten(1), conv.bias)
-                                for conv in (getattr(layer, "h_in", None), layer.h_conv, layer.h_out)])
+            self.v_layers = [((taps_last(layer.v_conv), layer.v_conv.bias), matrix(layer.link), matrix(layer.v_out))
                              for layer in self.layers]
-            self.head = [(m.weight.flatten(1), m.bias) for m in prior.head if isinstance(m, torch.nn.Conv2d)]
+            # the horizontal stack, looked up once per step: transposed weights for addmm, one per tap
+            self.h_layers = []
+            for layer in self.layers:
+                weight = taps_last(layer.h_conv).t()
+                taps = [weight] if layer.first else list(weight.chunk(2))   # dilated: the columns j-d and j
+                h_in = None if layer.first else (layer.h_in.weight.flatten(1), layer.h_in.bias)
+                self.h_layers.append((layer.first, layer.half if layer.first else layer.dilation, h_in,
+                                      [t.contiguous() for t in taps], matrix(layer.h_out)))
+            self.h_bias = [layer.h_conv.bias for layer in self.layers]
+            self.head = [matrix(m) for m in prior.head if isinstance(m, torch.nn.Conv2d)]
         self.h_src: list[torch.Tensor] = []
         self.links: list[torch.Tensor] = []
-
-    def _ring_rows(self, layer) -> int:
-        return layer.rows if layer.first else layer.dilation
 
     def start_row(self, requests: list[Request]) -> None:
         """Vertical stack of each request's current row (rows above only), its links into the horizontal
@@ -334,48 +375,46 @@ class _FastLogits:
         padded = max(batch, MIN_ROWS)
         rows = torch.tensor([r.row for r in requests for _ in range(r.n)], device=self.device)
         for r in requests:
-            if not r.state:
-                r.state["rings"] = [torch.zeros(r.n, layer.v_conv.in_channels, self._ring_rows(layer), width,
-                                                dtype=self.dtype, device=self.device) for layer in self.layers]
+            if not r.state:  # (n, rows kept, W, channels) per layer
+                r.state["rings"] = [torch.zeros(r.n, layer.rows if layer.first else layer.dilation, width,
+                                                layer.v_conv.in_channels, dtype=self.dtype, device=self.device)
+                                    for layer in self.layers]
         self.links, self.h_src = [], []
-        current = None                                            # (B, C, W): this layer's input row
-        for l, layer in enumerate(self.layers):
-            ring = self._ring_rows(layer)
-            if layer.first:
-                slots = [[(r.row + k) % ring for k in range(ring)] for r in requests]  # rows i-ring .. i-1
-                window = torch.cat([r.state["rings"][l][:, :, s] for r, s in zip(requests, slots)])
-                left, right, _, _ = layer.v_pad()
-                taps = F.unfold(F.pad(window, (left, right)), (ring, left + right + 1))
-            else:
+        current = None                                            # (B, W, C): this layer's input row
+        for l, (layer, (v_conv, link_conv, v_out)) in enumerate(zip(self.layers, self.v_layers)):
+            if layer.first:  # the rows i-k .. i-1, oldest first
+                window = torch.cat([r.state["rings"][0][:, [(r.row + k) % layer.rows for k in range(layer.rows)]]
+                                    for r in requests])
+                window = F.pad(window, (0, 0, layer.half, layer.half))
+                taps = [window[:, k, c:c + width] for k in range(layer.rows) for c in range(2 * layer.half + 1)]
+            else:            # the row d above and this row, at columns -d, 0, +d
                 d = layer.dilation
-                above = torch.cat([r.state["rings"][l][:, :, r.row % d] for r in requests])
+                above = torch.cat([r.state["rings"][l][:, r.row % d] for r in requests])
                 start = 0
                 for r in requests:  # this row becomes the row above for row i + d
-                    r.state["rings"][l][:, :, r.row % d] = current[start:start + r.n]
+                    r.state["rings"][l][:, r.row % d] = current[start:start + r.n]
                     start += r.n
-                window = F.pad(torch.stack([above, current], 2), (d, d))
-                taps = F.unfold(window, (2, 3), dilation=(1, d))
-            taps = taps.transpose(1, 2).reshape(batch * width, -1)          # (B*W, Cin*kh*kw)
-            v_pre = F.linear(taps, layer.v_conv.weight.flatten(1), layer.v_conv.bias)
-            link = F.linear(v_pre, layer.link.weight.flatten(1), layer.link.bias).view(batch, width, -1)
+                window = F.pad(torch.stack([above, current], 1), (0, 0, d, d))
+                taps = [window[:, k, c * d:c * d + width] for k in range(2) for c in range(3)]
+            v_pre = F.linear(torch.cat(taps, -1).view(batch * width, -1), *v_conv)
+            link = (F.linear(v_pre, *link_conv) + self.h_bias[l]).view(batch, width, -1)
             if self.v_pos[l] is not None:
                 v_pre = v_pre + self.v_pos[l][rows].view(batch * width, -1)
                 link = link + self.h_pos[l][rows]
-            v_new = F.linear(gate(v_pre), layer.v_out.weight.flatten(1), layer.v_out.bias)
-            v_new = v_new.view(batch, width, -1).transpose(1, 2)
+            v_new = F.linear(gate(v_pre), *v_out).view(batch, width, -1)
             current = v_new if layer.first else current + v_new
             self.links.append(_pad_rows(link, padded))
-            self.h_src.append(current.new_zeros(padded, layer.h_conv.in_channels, width + self.pad))
+            self.h_src.append(current.new_zeros(padded, width + self.pad, layer.h_conv.in_channels))
 
-    def logits(self, requests: list[Request], j: int) -> torch.Tensor:
+    def logits(self, requests: list[Request], row_codes: torch.Tensor, j: int) -> torch.Tensor:
         col, h = self.pad + j, None
-        for h_src, link, (first, reach, h_in, h_conv, h_out) in zip(self.h_src, self.links, self.h_layers):
-            if first:  # the `reach` codes to the left
-                window = h_src[:, :, col - reach:col]
+        for h_src, link, (first, reach, h_in, taps, h_out) in zip(self.h_src, self.links, self.h_layers):
+            if first:  # the `reach` codes to the left, as one row of taps
+                pre = torch.addmm(link[:, j], h_src[:, col - reach:col].flatten(1), taps[0])
             else:      # this column and the one `reach` (the dilation) to the left
-                h_src[:, :, col] = F.relu(F.linear(h, *h_in))
-                window = h_src[:, :, col - reach:col + 1:reach]
-            update = F.linear(gate(F.linear(window.flatten(1), *h_conv) + link[:, j]), *h_out)
+                h_src[:, col] = F.relu(F.linear(h, *h_in))
+                pre = torch.addmm(torch.addmm(link[:, j], h_src[:, col - reach], taps[0]), h_src[:, col], taps[1])
+            update = F.linear(gate(pre), *h_out)
             h = update if first else h + update
         for weight, bias in self.head:
             h = F.linear(F.relu(h), weight, bias)
@@ -383,12 +422,11 @@ class _FastLogits:
 
     def advance(self, requests: list[Request], codes: torch.Tensor, j: int) -> None:
         """The code at column j enters the embedding row; a finished row enters each request's ring."""
-        embedded = self.prior.embed(codes)
-        self.h_src[0][:len(codes), :, self.pad + j] = embedded
+        self.h_src[0][:len(codes), self.pad + j] = self.prior.embed(codes)
         if j == self.size - 1:
-            start, first = 0, self.layers[0]
+            start, rows = 0, self.layers[0].rows
             for r in requests:
-                r.state["rings"][0][:, :, r.row % first.rows] = self.h_src[0][start:start + r.n, :, self.pad:]
+                r.state["rings"][0][:, r.row % rows] = self.h_src[0][start:start + r.n, self.pad:]
                 start += r.n
 
     def keep(self, index: torch.Tensor) -> None:
@@ -405,11 +443,11 @@ def sample(prior: GatedPixelCNN, n: int = 1, temperature: float = 1.0, top_k: in
     when it is full. ``known`` ((H,W) or (n,H,W) long): -1 where to sample, a code >= 0 to keep unchanged."""
     sampler = BatchSampler(prior, method)
     request = sampler.add(n, temperature, top_k, top_p, seed, known)
-    every = every or sampler.size
-    while not request.done:
+    every, total = every or sampler.size, request.total
+    for filled in range(1, total + 1):
         sampler.step()
-        if request.filled % every == 0 or request.done:
-            yield request.progress()
+        if filled % every == 0 or filled == total:
+            yield sampler.progress(request)
 
 
 def sample_codes(prior: GatedPixelCNN, n: int = 1, temperature: float = 1.0, top_k: int | None = None,

@@ -21,6 +21,10 @@ def prior(seed: int = 0, dtype=torch.float32, **overrides) -> GatedPixelCNN:
     return model.eval()
 
 
+def filled(sampler: BatchSampler, request) -> int:
+    return sampler.progress(request).filled
+
+
 def run(sampler: BatchSampler, until=lambda: False) -> int:
     steps = 0
     while sampler.busy and not until():
@@ -88,8 +92,8 @@ def test_each_request_gets_the_codes_it_would_get_alone():
         """Keep each request's rows of every logits matrix the sampler computes."""
         compute = sampler._net.logits
 
-        def logits(requests, j):
-            out, start = compute(requests, j), 0
+        def logits(requests, row_codes, j):
+            out, start = compute(requests, row_codes, j), 0
             for r in requests:
                 log.setdefault(r.seed, []).append(out[start:start + r.n].clone())
                 start += r.n
@@ -110,15 +114,16 @@ def test_each_request_gets_the_codes_it_would_get_alone():
     sampler = BatchSampler(model)
     record(sampler, shared_logits)
     requests = {name: sampler.add(**settings[name]) for name in ("a", "b", "c", "d", "gone")}
-    run(sampler, until=lambda: requests["a"].filled == 30)          # mid-row (12 columns)
+    run(sampler, until=lambda: filled(sampler, requests["a"]) == 30)    # mid-row (12 columns)
     requests["late"] = sampler.add(**settings["late"])
-    run(sampler, until=lambda: requests["a"].filled == 41)
-    assert requests["late"].filled == 5                              # it joined at the next row start (36)
+    run(sampler, until=lambda: filled(sampler, requests["a"]) == 41)
+    assert filled(sampler, requests["late"]) == 5                       # it joined at the next row start (36)
     sampler.cancel(requests["gone"])
-    run(sampler, until=lambda: requests["a"].filled == 42)
-    stopped_at = requests["gone"].filled
+    run(sampler, until=lambda: filled(sampler, requests["a"]) == 42)
+    stopped_at = filled(sampler, requests["gone"])
     run(sampler)
     assert stopped_at == 41 and requests["gone"].filled == 41 and not requests["gone"].done
+    assert (requests["gone"].codes[:, :3] >= 0).all() and (requests["gone"].codes[:, 3, 5:] == -1).all()
     for name in ("a", "b", "c", "d", "late"):
         assert requests[name].done and torch.equal(requests[name].codes, alone[name]), name
         seed = settings[name]["seed"]
@@ -131,11 +136,11 @@ def test_an_idle_sampler_starts_a_request_at_once_and_requests_leave_when_done()
     model = prior(grid_size=6)
     sampler = BatchSampler(model)
     first = sampler.add(n=1, seed=0)
-    run(sampler, until=lambda: first.filled == 3)
+    run(sampler, until=lambda: filled(sampler, first) == 3)
     second = sampler.add(n=1, seed=1)
     sampler.cancel(first)                       # nobody is left mid-row: the newcomer need not wait
     sampler.step()
-    assert second.filled == 1 and first.filled == 3
+    assert filled(sampler, second) == 1 and first.filled == 3
     run(sampler)
     assert second.done and not sampler.busy and sampler.active == []
     assert torch.equal(second.codes, sample_codes(model, seed=1))
@@ -179,7 +184,7 @@ def test_rows_that_are_all_kept_cost_no_logits():
     sampler = BatchSampler(model)
     calls = []
     compute = sampler._net.logits
-    sampler._net.logits = lambda requests, j: calls.append(j) or compute(requests, j)
+    sampler._net.logits = lambda requests, row_codes, j: calls.append(j) or compute(requests, row_codes, j)
     sampler.add(n=2, seed=0, known=known)
     run(sampler)
     assert len(calls) == 2 * 12
@@ -192,7 +197,7 @@ def fast_logits(model: GatedPixelCNN, **kwargs) -> tuple[torch.Tensor, torch.Ten
     """The codes of one fast run and the logits it drew each position from, as (n,K,H,W)."""
     sampler, rows = BatchSampler(model), []
     compute = sampler._net.logits
-    sampler._net.logits = lambda requests, j: rows.append(compute(requests, j)[:requests[0].n]) or rows[-1]
+    sampler._net.logits = lambda *args: rows.append(compute(*args)[:args[0][0].n]) or rows[-1]
     request = sampler.add(**kwargs)
     run(sampler)
     size = model.cfg.grid_size
