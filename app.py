@@ -93,7 +93,8 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
         return keys[event.index], gr.Tabs(selected="reconstruct")
 
     def show(result: demo.Reconstruction, notes: str):
-        return result.original, result.code_grid, result.recon, f"**{result.summary()}**{SSIM_NOTE}", notes
+        summary = f"**{result.summary()}**{SSIM_NOTE}\n\n{result.check_markdown()}"
+        return result.original, result.code_grid, result.recon, summary, notes
 
     def reconstruct_sample(key: str):
         try:

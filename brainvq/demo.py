@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from brainvq import data
+from brainvq import data, slicecheck
+from brainvq.lesions import brain_mask
 from brainvq.metrics import psnr as _psnr
 from brainvq.metrics import ssim as _ssim
 from brainvq.visualize import colorize_codes, to_uint8
@@ -148,9 +149,22 @@ class Reconstruction:
     recon: np.ndarray       # uint8 (256,256)
     ssim: float
     psnr: float
+    ssim_brain: float | None = None         # SSIM over the brain's bounding box (None: no brain found)
+    check: slicecheck.Verdict | None = None  # does it look like an axial brain slice the models know?
+    check_note: str | None = None            # why there is no check
 
     def summary(self) -> str:
-        return f"SSIM {self.ssim:.4f} · PSNR {self.psnr:.2f} dB"
+        brain = f" · {self.ssim_brain:.4f} over the brain" if self.ssim_brain is not None else " · no brain found"
+        return f"SSIM {self.ssim:.4f} whole frame{brain} · PSNR {self.psnr:.2f} dB"
+
+    def check_markdown(self) -> str:
+        """The upload check's verdict, for the page."""
+        if self.check is None:
+            return f"*Not checked: {self.check_note}.*"
+        if self.check.ok:
+            return "✅ Looks like an axial brain slice of the kind the models know."
+        return ("⚠️ **This does not look like an axial brain slice of the kind the models know:** "
+                + "; ".join(self.check.reasons) + ". It is reconstructed anyway, but the result says little.")
 
 
 def require_bundle(bundle):
@@ -173,7 +187,16 @@ def reconstruct(bundle, slice_uint8: np.ndarray) -> Reconstruction:
     score = float(_ssim(recon, x, per_image=True)[0])
     peak = float(_psnr(recon, x)[0])
     grid = colorize_codes(codes[0], vqvae.cfg.num_codes, size=data.IMAGE_SIZE)
-    return Reconstruction(original, codes[0].cpu().numpy(), grid, to_uint8(recon[0]), score, peak)
+    result = Reconstruction(original, codes[0].cpu().numpy(), grid, to_uint8(recon[0]), score, peak,
+                            slicecheck.ssim_in_box(recon.cpu(), x.cpu(), brain_mask(x[0, 0].cpu().numpy())))
+    if bundle.prior is None:
+        result.check_note = "the upload check needs the PixelCNN prior, and these models have none"
+        return result
+    limits, result.check_note = slicecheck.limits_for(getattr(bundle, "folder", None), vqvae, bundle.prior)
+    if limits is not None:
+        result.check = slicecheck.judge(slicecheck.features(vqvae, bundle.prior, x[:, 0].cpu().numpy())[0],
+                                        limits.limits)
+    return result
 
 
 # ----------------------------------------------------------------------------- browsing

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial import ConvexHull
 
+from brainvq.anomaly import ANOMALY_DIR, fingerprint
 from brainvq.io import atomic_write_json
 from brainvq.lesions import BRAIN_LEVEL, brain_mask
 from brainvq.metrics import ssim
@@ -76,7 +77,7 @@ def features(vqvae, prior, images: np.ndarray) -> list[dict[str, float | None]]:
                      aspect=(rows.stop - rows.start) / (cols.stop - cols.start),
                      solidity=float(brain.sum() / ConvexHull(np.c_[ys, xs]).volume),
                      offset=float(np.hypot(ys.mean() - (image.shape[0] - 1) / 2, xs.mean() - (image.shape[1] - 1) / 2)),
-                     outside=float((image[~brain] > BRAIN_LEVEL).mean()))
+                     outside=float((image[~brain] > BRAIN_LEVEL).mean()) if (~brain).any() else 0.0)
         out.append(f)
     return out
 
@@ -98,6 +99,25 @@ class Limits:
         return cls({k: tuple(v) for k, v in raw["limits"].items()}, raw["models"], raw.get("notes", {}))
 
 
+def model_fingerprints(vqvae, prior) -> dict[str, str]:
+    return {"vqvae": vqvae.fingerprint(), "prior": fingerprint(prior)}
+
+
+def limits_for(folder: Path | None, vqvae, prior) -> tuple[Limits | None, str | None]:
+    """The limits in ``folder``/anomaly/ when they were measured on these models; else None and why not."""
+    path = Path(folder) / ANOMALY_DIR / LIMITS_NAME if folder is not None else None
+    if path is None or not path.is_file():
+        return None, ("the upload check has no limits for these models (run `python bench/slice_check.py "
+                      "--checkpoints FOLDER --data-dir DATA` to set them on validation slices)")
+    try:
+        limits = Limits.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return None, f"the upload check's limits in {path} are unreadable ({error})"
+    if limits.models != model_fingerprints(vqvae, prior):
+        return None, "the upload check's limits were measured on other models"
+    return limits, None
+
+
 def fit_limits(rows: list[dict[str, float | None]]) -> dict[str, tuple[float, float]]:
     """Each feature's validation 0.5th-99.5th percentile range, widened by half its distance to the median."""
     out = {}
@@ -113,8 +133,9 @@ class Verdict:
     """Whether a slice looks like the axial brain slices the models know, and why not."""
 
     ok: bool
-    reasons: list[str]
+    reasons: list[str]                     # one sentence per failed feature, for the user
     features: dict[str, float | None]
+    failed: list[str]                      # the failed features ("no brain" when there is none)
 
 
 WHY = {"bits": "the prior finds its codes unlikely ({v:.2f} bits/code; brain slices {lo:.2f}-{hi:.2f})",
@@ -131,12 +152,13 @@ def judge(row: dict[str, float | None], limits: dict[str, tuple[float, float]]) 
     """A slice passes when every feature is inside its limits; a slice without a brain fails outright."""
     if row["area"] is not None and row["area"] < MIN_BRAIN:
         return Verdict(False, [f"no brain found: only {row['area']:,.0f} pixels are brighter than the background"],
-                       row)
-    reasons = []
+                       row, ["no brain"])
+    reasons, failed = [], []
     for name in FEATURES:
         v = row[name]
         lo, hi = limits[name]
         if v is None or lo <= v <= hi:
             continue
         reasons.append(WHY[name].format(v=v, lo=lo, hi=hi, size="too small" if v < lo else "too large"))
-    return Verdict(not reasons, reasons, row)
+        failed.append(name)
+    return Verdict(not reasons, reasons, row, failed)
