@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     limits = slicecheck.Limits(slicecheck.fit_limits(measure(vqvae, prior, val.images / np.float32(255), "val")),
                                slicecheck.model_fingerprints(vqvae, prior),
                                {"data": str(val.root), "split_seed": args.split_seed, "slices": len(val),
-                                "rule": "validation 0.5th-99.5th percentiles, each widened by half its distance "
-                                        "to the median", "made_by": "bench/slice_check.py"})
+                                "rule": "validation 0.5th-99.5th percentile range, widened on each side by its width",
+                                "made_by": "bench/slice_check.py"})
     limits.save(folder / anomaly.ANOMALY_DIR / slicecheck.LIMITS_NAME)
     test_rows = measure(vqvae, prior, test.images / np.float32(255), "test")
     alarms = [slicecheck.judge(r, limits.limits) for r in test_rows]

@@ -32,9 +32,9 @@ def test_features_of_a_brain_slice(checked):
 
 
 def test_fit_limits_widens_the_validation_range():
-    rows = [dict.fromkeys(slicecheck.FEATURES, float(v)) for v in range(201)]   # 0..200, median 100
+    rows = [dict.fromkeys(slicecheck.FEATURES, float(v)) for v in range(201)]   # 0..200: 1st to 199th percentile
     low, high = slicecheck.fit_limits(rows)["area"]
-    assert low == pytest.approx(1.0 - 0.5 * 99.0) and high == pytest.approx(199.0 + 0.5 * 99.0)
+    assert low == pytest.approx(1.0 - 198.0) and high == pytest.approx(199.0 + 198.0)
 
 
 def test_reconstruct_labels_what_does_not_look_like_a_brain(checked):
