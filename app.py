@@ -18,11 +18,12 @@ import gradio as gr
 import torch
 from gradio import utils as gradio_utils
 
-from brainvq import demo, generation, hub
+from brainvq import demo, demo_prior, generation, hub, lesions
 from brainvq.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parent
 QUEUE_CONCURRENCY = 4        # per event; Generate has no limit: every request joins the one shared sampler
+PRIOR_TOOL_CONCURRENCY = 2   # anomaly maps and completions: each runs the sampler over a whole grid
 QUEUE_SIZE = 64              # waiting requests accepted: 16 users with a few clicks each
 MAX_FILE_SIZE = "10mb"
 SSIM_NOTE = " <small>(SSIM: data range 1, 11×11 Gaussian window, σ 1.5)</small>"
@@ -122,6 +123,60 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
     def stop(request: gr.Request):
         generator.stop_session(request.session_hash)  # the stream then shows where it stopped
 
+    def analyze(image, kind: str, size: str, seed):
+        """Anomaly tab: (base image, original, NLL, restoration, anomaly map, summary, status) as it runs."""
+        try:
+            for view, status in demo_prior.analyze_stream(holder.require(), image, kind, size, seed):
+                if view is None:
+                    yield image, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), status
+                else:
+                    yield image, view.original, view.nll, view.restoration, view.overlay, view.summary(), status
+        except demo.DemoError as error:
+            yield image, None, None, None, None, "", _problem("Cannot make the anomaly map", error)
+
+    def analyze_sample(key: str, kind: str, size: str, seed):
+        try:
+            image = samples.get(key).image
+        except demo.DemoError as error:
+            yield None, None, None, None, None, "", _problem("Cannot make the anomaly map", error)
+            return
+        yield from analyze(image, kind, size, seed)
+
+    def analyze_upload(path: str | None, kind: str, size: str, seed):
+        try:
+            image, _ = demo.prepare_upload(path, upload_root=gradio_utils.get_upload_folder())
+        except demo.DemoError as error:
+            yield None, None, None, None, None, "", _problem("Cannot use this upload", error)
+            return
+        yield from analyze(image, kind, size, seed)
+
+    def next_seed(seed):
+        return int(seed or 0) + 1
+
+    def complete(image, mode, keep_rows, top, left, bottom, right, count, temperature, seed):
+        try:
+            for frame in demo_prior.complete_stream(holder.require(), image, mode, keep_rows,
+                                                    (top, left, bottom, right), count, temperature, seed):
+                yield frame.original, frame.kept, frame.completions, frame.status()
+        except demo.DemoError as error:
+            yield None, None, [], _problem("Cannot complete", error)
+
+    def complete_sample(key: str, *settings):
+        try:
+            image = samples.get(key).image
+        except demo.DemoError as error:
+            yield None, None, [], _problem("Cannot complete", error)
+            return
+        yield from complete(image, *settings)
+
+    def complete_upload(path: str | None, *settings):
+        try:
+            image, _ = demo.prepare_upload(path, upload_root=gradio_utils.get_upload_folder())
+        except demo.DemoError as error:
+            yield None, None, [], _problem("Cannot use this upload", error)
+            return
+        yield from complete(image, *settings)
+
     def model_info():
         return demo.describe_markdown(holder.bundle), _notice(holder)
 
@@ -195,6 +250,63 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
                 decoded = gr.Gallery(label="Decoded samples", columns=4, height="fit-content", format="png",
                                      elem_id="generate-images", allow_preview=False, object_fit="contain")
 
+            slice_choices = [(s.label, s.key) for s in samples.samples]
+            first_key = slice_choices[0][1] if slice_choices else None
+            with gr.Tab("Anomaly", id="anomaly"):
+                gr.Markdown("Where does a slice differ from what the models expect? Pick a slice or upload one, "
+                            "optionally add a synthetic lesion, and compare the prior's likelihood, a restoration "
+                            "(the unlikely codes resampled) and the anomaly map (brainvq/anomaly.py).")
+                with gr.Row():
+                    anomaly_key = gr.Dropdown(slice_choices, value=first_key, label="Slice", scale=3,
+                                              elem_id="anomaly-slice")
+                    anomaly_button = gr.Button("Analyze slice", variant="primary", scale=0)
+                    anomaly_file = gr.File(label="…or upload a slice", type="filepath", scale=2,
+                                           elem_id="anomaly-upload")
+                with gr.Row():
+                    lesion_kind = gr.Dropdown(list(lesions.KINDS), value="bright",
+                                              label="Synthetic lesion", scale=1)
+                    lesion_size = gr.Radio(list(lesions.SIZES), value="medium", label="Size", scale=1)
+                    lesion_seed = gr.Number(0, precision=0, label="Lesion seed", minimum=0, scale=1)
+                    lesion_button = gr.Button("Add a lesion and analyze", scale=0, elem_id="lesion-button")
+                anomaly_status = gr.Markdown(elem_id="anomaly-status")
+                with gr.Row():
+                    anomaly_original = gr.Image(label="Original", format="png", height=256, elem_id="anomaly-original")
+                    anomaly_nll = gr.Image(label="Prior NLL per code", format="png", height=256, elem_id="anomaly-nll")
+                    anomaly_restored = gr.Image(label="Restoration", format="png", height=256,
+                                                elem_id="anomaly-restoration")
+                    anomaly_overlay = gr.Image(label="Anomaly map", format="png", height=256, elem_id="anomaly-map")
+                anomaly_summary = gr.Markdown(elem_id="anomaly-summary")
+                anomaly_image = gr.State(None)
+
+            with gr.Tab("Complete", id="complete"):
+                gr.Markdown("Keep part of a slice's code grid and let the prior fill in the rest. The prior fills "
+                            "in raster order and sees only the codes above and to the left of each position, so "
+                            "kept codes below or right of a box do not guide it (seams may show there).")
+                with gr.Row():
+                    complete_key = gr.Dropdown(slice_choices, value=first_key, label="Slice", scale=3,
+                                               elem_id="complete-slice")
+                    complete_button = gr.Button("Complete slice", variant="primary", scale=0)
+                    complete_file = gr.File(label="…or upload a slice", type="filepath", scale=2,
+                                            elem_id="complete-upload")
+                with gr.Row():
+                    keep_mode = gr.Radio(list(demo_prior.MODES), value="top rows", label="Keep")
+                    keep_rows = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Share of rows kept (top rows)")
+                    completions = gr.Slider(1, demo_prior.MAX_COMPLETIONS, value=4, step=1, label="Completions")
+                    complete_temperature = gr.Slider(0, generation.MAX_TEMPERATURE, value=1.0, step=0.05,
+                                                     label="Temperature")
+                    complete_seed = gr.Number(0, precision=0, label="Seed", minimum=0)
+                with gr.Row():
+                    box = [gr.Slider(0, 256, value=v, step=4, label=f"Box {name} (outside a box)")
+                           for name, v in (("top", 96), ("left", 64), ("bottom", 160), ("right", 192))]
+                complete_status = gr.Markdown(elem_id="complete-status")
+                with gr.Row():
+                    complete_original = gr.Image(label="Original", format="png", height=256,
+                                                 elem_id="complete-original")
+                    complete_kept = gr.Image(label="Kept codes (blue: filled in)", format="png", height=256,
+                                             elem_id="complete-kept")
+                completed = gr.Gallery(label="Completions", columns=4, height="fit-content", format="png",
+                                       allow_preview=False, object_fit="contain", elem_id="complete-images")
+
             with gr.Tab("Models", id="models"):
                 models_info = gr.Markdown(demo.describe_markdown(holder.bundle), elem_id="models-info")
                 models_status = gr.Markdown(elem_id="models-status")
@@ -226,6 +338,24 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
         generate_button.click(generate, [n, temperature, top_k, top_p, seed], [grid, decoded, generate_status],
                               api_name="generate", concurrency_limit=None)
         stop_button.click(stop, None, None, api_name="stop", api_visibility="private", queue=False)
+
+        anomaly_outputs = [anomaly_image, anomaly_original, anomaly_nll, anomaly_restored, anomaly_overlay,
+                           anomaly_summary, anomaly_status]
+        none_lesion = gr.State("none")
+        anomaly_button.click(analyze_sample, [anomaly_key, none_lesion, lesion_size, lesion_seed], anomaly_outputs,
+                             api_name="anomaly", concurrency_limit=PRIOR_TOOL_CONCURRENCY)
+        anomaly_file.upload(analyze_upload, [anomaly_file, none_lesion, lesion_size, lesion_seed], anomaly_outputs,
+                            api_name="anomaly_upload", concurrency_limit=PRIOR_TOOL_CONCURRENCY)
+        lesion_button.click(analyze, [anomaly_image, lesion_kind, lesion_size, lesion_seed], anomaly_outputs,
+                            api_name="anomaly_lesion", api_visibility="private",
+                            concurrency_limit=PRIOR_TOOL_CONCURRENCY).then(
+            next_seed, lesion_seed, lesion_seed, api_visibility="private")
+        completion_settings = [keep_mode, keep_rows, *box, completions, complete_temperature, complete_seed]
+        completion_outputs = [complete_original, complete_kept, completed, complete_status]
+        complete_button.click(complete_sample, [complete_key, *completion_settings], completion_outputs,
+                              api_name="complete", concurrency_limit=PRIOR_TOOL_CONCURRENCY)
+        complete_file.upload(complete_upload, [complete_file, *completion_settings], completion_outputs,
+                             api_name="complete_upload", concurrency_limit=PRIOR_TOOL_CONCURRENCY)
 
         model_outputs = [models_status, models_info, notice]
         hub_button.click(load_hub, [repo, revision], model_outputs, api_name="load_hub", concurrency_limit=1)

@@ -30,10 +30,8 @@ def save_local_prior(folder: Path, vqvae_fingerprint: str) -> None:
     net.save(folder / anomaly.ANOMALY_DIR / "local", vqvae_fingerprint)
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    """Tiny VQ-VAE + prior + local prior, calibrated on 4 healthy slices with every component."""
-    folder = save_tiny_bundle(tmp_path_factory.mktemp("anomaly") / "checkpoints", seed=0)
+def calibrate_tiny_bundle(folder: Path) -> Path:
+    """Add a local prior and an anomaly calibration (every component, 4 healthy slices) to a tiny bundle."""
     detector = anomaly.Detector.load(folder)
     save_local_prior(folder, detector.vqvae.fingerprint())
     detector = anomaly.Detector.load(folder)
@@ -44,6 +42,12 @@ def bundle(tmp_path_factory) -> Path:
     anomaly.calibrate(measured, settings, detector.fingerprints(), threshold).save(
         folder / anomaly.ANOMALY_DIR / anomaly.CALIBRATION_NAME)
     return folder
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """Tiny VQ-VAE + prior + local prior, calibrated."""
+    return calibrate_tiny_bundle(save_tiny_bundle(tmp_path_factory.mktemp("anomaly") / "checkpoints", seed=0))
 
 
 # ----------------------------------------------------------------------------- lesions
@@ -209,3 +213,62 @@ def test_cli_says_how_to_calibrate(tmp_path):
     with pytest.raises(anomaly.AnomalyError, match="no anomaly calibration.*bench/anomaly.py"):
         anomaly.main(["--checkpoints", str(folder), "--images", str(images), "--out", str(tmp_path / "o"),
                       "--json", str(tmp_path / "s.json")])
+
+
+# ----------------------------------------------------------------------------- the demo's Anomaly and Complete logic
+
+
+def test_anomaly_view_streams_progress_then_panels(bundle):
+    from brainvq import demo_prior, hub
+
+    loaded = hub.load_bundle(bundle)
+    image = (slices(1, seed=60)[0] * 255).astype(np.uint8)
+    steps = list(demo_prior.analyze_stream(loaded, image, "bright", "large", seed=4))
+    view, status = steps[-1]
+    assert status == "Done." and all(v is None for v, _ in steps[:-1])
+    for panel in (view.original, view.nll, view.overlay, view.restoration):
+        assert panel.shape == (256, 256, 3) and panel.dtype == np.uint8
+    assert (view.original == (0, 255, 0)).all(-1).any()            # the lesion's outline
+    assert "Synthetic lesion: bright, large" in view.summary() and 0 <= view.dice <= 1
+    assert "healthy validation" in view.summary()
+    plain = list(demo_prior.analyze_stream(loaded, image))[-1][0]
+    assert plain.lesion is None and "Synthetic" not in plain.summary()
+    with pytest.raises(demo_prior.PriorToolError, match="Pick a slice"):
+        list(demo_prior.analyze_stream(loaded, None))
+    with pytest.raises(demo_prior.PriorToolError, match="seed must be a whole number"):
+        list(demo_prior.analyze_stream(loaded, image, "dark", "small", seed=-1))
+
+
+@pytest.mark.parametrize("mode", ["top rows", "outside a box"])
+def test_completion_keeps_the_kept_codes(bundle, mode):
+    from brainvq import demo_prior, hub
+
+    loaded = hub.load_bundle(bundle)
+    image = (slices(1, seed=70)[0] * 255).astype(np.uint8)
+    frames = list(demo_prior.complete_stream(loaded, image, mode, keep_rows=0.25, box=(64, 64, 192, 128), n=3,
+                                             seed=9))
+    assert [f.filled for f in frames] == sorted(f.filled for f in frames) and frames[-1].done
+    final = frames[-1]
+    with torch.no_grad():
+        codes = loaded.vqvae.encode(torch.from_numpy(image / np.float32(255))[None, None])[0].numpy()
+    keep = demo_prior.keep_mask(64, mode, 0.25, (64, 64, 192, 128))
+    assert keep.sum() == (16 * 64 if mode == "top rows" else 64 * 64 - 32 * 16)
+    assert (final.codes[:, keep] == codes[keep]).all()               # the kept codes never change
+    assert (final.codes[:, ~keep] != codes[~keep]).any() and (final.codes >= 0).all()
+    assert len(final.completions) == 3 and final.completions[0].shape == (256, 256)
+    assert "every kept code is unchanged" in final.status()
+    again = list(demo_prior.complete_stream(loaded, image, mode, 0.25, (64, 64, 192, 128), n=3, seed=9))[-1]
+    assert np.array_equal(again.codes, final.codes)                  # seeded
+
+
+def test_completion_refuses_bad_settings(bundle):
+    from brainvq import demo_prior, hub
+
+    loaded = hub.load_bundle(bundle)
+    image = (slices(1)[0] * 255).astype(np.uint8)
+    for kwargs, phrase in [({"mode": "top rows", "keep_rows": 1.0}, "share of rows"),
+                           ({"mode": "outside a box", "box": (100, 0, 50, 10)}, "box must satisfy"),
+                           ({"mode": "left half"}, "must be one of"),
+                           ({"n": 9}, "At most 8"), ({"temperature": -1}, "Temperature")]:
+        with pytest.raises(demo_prior.DemoError, match=phrase):
+            list(demo_prior.complete_stream(loaded, image, **kwargs))
