@@ -151,7 +151,7 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
         yield from analyze(image, kind, size, seed)
 
     def next_seed(seed):
-        return int(seed or 0) + 1
+        return int(seed or 0) + 1     # a new lesion position
 
     def complete(image, mode, keep_rows, top, left, bottom, right, count, temperature, seed):
         try:
@@ -263,11 +263,13 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
                     anomaly_file = gr.File(label="…or upload a slice", type="filepath", scale=2,
                                            elem_id="anomaly-upload")
                 with gr.Row():
-                    lesion_kind = gr.Dropdown(list(lesions.KINDS), value="bright",
-                                              label="Synthetic lesion", scale=1)
-                    lesion_size = gr.Radio(list(lesions.SIZES), value="medium", label="Size", scale=1)
-                    lesion_seed = gr.Number(0, precision=0, label="Lesion seed", minimum=0, scale=1)
-                    lesion_button = gr.Button("Add a lesion and analyze", scale=0, elem_id="lesion-button")
+                    lesion_kind = gr.Radio(["none", *lesions.KINDS], value="none", scale=3, elem_id="lesion-kind",
+                                           label="Synthetic lesion (a click adds it to the slice shown)")
+                    lesion_size = gr.Radio(list(lesions.SIZES), value="medium", label="Size", scale=2,
+                                           elem_id="lesion-size")
+                    lesion_seed = gr.Number(0, precision=0, label="Lesion placement", minimum=0, scale=1,
+                                            elem_id="lesion-seed")
+                    lesion_button = gr.Button("Another lesion", scale=0, elem_id="lesion-button")
                 anomaly_status = gr.Markdown(elem_id="anomaly-status")
                 with gr.Row():
                     anomaly_original = gr.Image(label="Original", format="png", height=256, elem_id="anomaly-original")
@@ -294,7 +296,7 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
                     completions = gr.Slider(1, demo_prior.MAX_COMPLETIONS, value=4, step=1, label="Completions")
                     complete_temperature = gr.Slider(0, generation.MAX_TEMPERATURE, value=1.0, step=0.05,
                                                      label="Temperature")
-                    complete_seed = gr.Number(0, precision=0, label="Seed", minimum=0)
+                    complete_seed = gr.Number(0, precision=0, label="Draw number", minimum=0)
                 with gr.Row():
                     box = [gr.Slider(0, 256, value=v, step=4, label=f"Box {name} (outside a box)")
                            for name, v in (("top", 96), ("left", 64), ("bottom", 160), ("right", 192))]
@@ -341,15 +343,17 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
 
         anomaly_outputs = [anomaly_image, anomaly_original, anomaly_nll, anomaly_restored, anomaly_overlay,
                            anomaly_summary, anomaly_status]
-        none_lesion = gr.State("none")
-        anomaly_button.click(analyze_sample, [anomaly_key, none_lesion, lesion_size, lesion_seed], anomaly_outputs,
-                             api_name="anomaly", concurrency_limit=PRIOR_TOOL_CONCURRENCY)
-        anomaly_file.upload(analyze_upload, [anomaly_file, none_lesion, lesion_size, lesion_seed], anomaly_outputs,
-                            api_name="anomaly_upload", concurrency_limit=PRIOR_TOOL_CONCURRENCY)
-        lesion_button.click(analyze, [anomaly_image, lesion_kind, lesion_size, lesion_seed], anomaly_outputs,
-                            api_name="anomaly_lesion", api_visibility="private",
-                            concurrency_limit=PRIOR_TOOL_CONCURRENCY).then(
-            next_seed, lesion_seed, lesion_seed, api_visibility="private")
+        lesion_inputs = [lesion_kind, lesion_size, lesion_seed]
+        anomaly_button.click(analyze_sample, [anomaly_key, *lesion_inputs], anomaly_outputs, api_name="anomaly",
+                             concurrency_limit=PRIOR_TOOL_CONCURRENCY)
+        anomaly_file.upload(analyze_upload, [anomaly_file, *lesion_inputs], anomaly_outputs, api_name="anomaly_upload",
+                            concurrency_limit=PRIOR_TOOL_CONCURRENCY)
+        for trigger in (lesion_kind.input, lesion_size.input):     # one click: the lesion on the slice shown
+            trigger(analyze, [anomaly_image, *lesion_inputs], anomaly_outputs, api_visibility="private",
+                    concurrency_limit=PRIOR_TOOL_CONCURRENCY)
+        lesion_button.click(next_seed, lesion_seed, lesion_seed, api_visibility="private").then(
+            analyze, [anomaly_image, *lesion_inputs], anomaly_outputs, api_visibility="private",
+            concurrency_limit=PRIOR_TOOL_CONCURRENCY)
         completion_settings = [keep_mode, keep_rows, *box, completions, complete_temperature, complete_seed]
         completion_outputs = [complete_original, complete_kept, completed, complete_status]
         complete_button.click(complete_sample, [complete_key, *completion_settings], completion_outputs,

@@ -397,3 +397,53 @@ def test_app_serves_16_users_at_once(served):
     results = [job.result(timeout=120) for job in jobs]
     assert all(0 < ssim_of(result[3]) <= 1 for result in results[:12])
     assert all(result[2].startswith("Done: 1 sample(s)") for result in results[12:])
+
+
+# ----------------------------------------------------------------------------- Anomaly and Complete tabs
+
+
+def test_app_anomaly_tab(served, tmp_path):
+    from test_anomaly import calibrate_tiny_bundle
+
+    client, checkpoints = served["client"], served["checkpoints"]
+    key = demo.load_samples(served["data"]).samples[0].key          # the app's first test slice
+    *_, summary, status = client.predict(key, "none", "medium", 0, api_name="/anomaly")
+    assert "no anomaly calibration" in status and "bench/anomaly.py" in status and summary == ""
+    calibrated = calibrate_tiny_bundle(save_tiny_bundle(checkpoints / "calibrated", seed=0))
+    client.predict(str(calibrated), api_name="/load_local")
+    try:
+        original, nll, restored, overlay, summary, status = client.predict(key, "none", "medium", 0,
+                                                                           api_name="/anomaly")
+        assert status == "Done." and "Image score" in summary and "healthy validation slice" in summary
+        for path in (original, nll, restored, overlay):
+            assert read(path).shape == (256, 256, 3)
+        *_, summary, status = client.predict(key, "dark", "large", 3, api_name="/anomaly")
+        assert status == "Done." and "Synthetic lesion: dark, large" in summary
+        upload = write_image(tmp_path / "slice.png", SLICE)
+        *_, summary, status = client.predict(handle_file(str(upload)), "none", "medium", 0,
+                                             api_name="/anomaly_upload")
+        assert status == "Done." and "Image score" in summary
+        text = tmp_path / "notes.png"
+        text.write_bytes(b"not an image at all")
+        *_, status = client.predict(handle_file(str(text)), "none", "medium", 0, api_name="/anomaly_upload")
+        assert "Cannot use this upload" in status and "not an image" in status
+    finally:
+        client.predict(str(checkpoints), api_name="/load_local")      # back to the start for the others
+
+
+def test_app_complete_tab(served, tmp_path):
+    client = served["client"]
+    key = demo.load_samples(served["data"]).samples[0].key
+    original, kept, gallery, status = client.predict(key, "top rows", 0.5, 96, 64, 160, 192, 3, 1.0, 5,
+                                                     api_name="/complete")
+    assert status.startswith("Done: 3 completion(s)") and len(gallery) == 3
+    assert read(original).shape[:2] == (256, 256) and read(kept).shape == (256, 256, 3)
+    top = read(gallery[0]["image"])[:128]
+    _, _, again, _ = client.predict(key, "top rows", 0.5, 96, 64, 160, 192, 3, 1.0, 5, api_name="/complete")
+    assert np.array_equal(read(again[0]["image"]), read(gallery[0]["image"]))   # seeded
+    assert top.shape[0] == 128
+    *_, gallery, status = client.predict(handle_file(str(write_image(tmp_path / "s.png", SLICE))), "outside a box",
+                                         0.5, 96, 64, 160, 192, 2, 0.5, 1, api_name="/complete_upload")
+    assert status.startswith("Done: 2 completion(s)") and len(gallery) == 2
+    *_, gallery, status = client.predict(key, "outside a box", 0.5, 160, 64, 96, 192, 2, 1.0, 0, api_name="/complete")
+    assert "Cannot complete" in status and "box must satisfy" in status and gallery == []

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from helpers import brain_slice, make_folder_tree
+from test_anomaly import calibrate_tiny_bundle
 from test_app import free_port, save_tiny_bundle
 
 pytestmark = [pytest.mark.browser,
@@ -48,7 +49,7 @@ def page(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("browser")
     generator = Generator()
-    checkpoints = save_tiny_bundle(root / "checkpoints", seed=0)
+    checkpoints = calibrate_tiny_bundle(save_tiny_bundle(root / "checkpoints", seed=0))   # Anomaly tab: calibrated
     data_dir = make_folder_tree(root / "data", per_class=2, test_count=6)
     ARTIFACTS.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
@@ -177,3 +178,31 @@ def test_sixteen_samples_are_shown_without_inner_scrolling(page):
         box = images.nth(index).bounding_box()
         assert box["width"] > 100 and box["height"] > 100
     tab.screenshot(path=str(ARTIFACTS / "generate-16.png"), full_page=True)
+
+
+def test_anomaly_tab_maps_a_slice_and_adds_a_lesion_in_one_click(page):
+    tab, root, _ = page
+    open_tab(tab, "Anomaly")
+    tab.get_by_role("button", name="Analyze slice").click()
+    summary = tab.locator("#anomaly-summary")
+    summary.get_by_text("Image score").wait_for()
+    for element in ("#anomaly-original", "#anomaly-nll", "#anomaly-restoration", "#anomaly-map"):
+        tab.locator(f"{element} img").wait_for()
+    assert "Synthetic lesion" not in summary.inner_text()
+    tab.locator("#lesion-kind").get_by_text("bright").click()        # one click: a lesion on the slice shown
+    summary.get_by_text("Synthetic lesion: bright, medium").wait_for()
+    tab.get_by_role("button", name="Another lesion").click()
+    tab.wait_for_function("() => document.querySelector('#lesion-seed input').value === '1'")
+    summary.get_by_text("Synthetic lesion: bright, medium").wait_for()
+    tab.screenshot(path=str(ARTIFACTS / "anomaly.png"), full_page=True)
+
+
+def test_complete_tab_fills_in_the_hidden_rows(page):
+    tab, *_ = page
+    open_tab(tab, "Complete")
+    tab.get_by_role("button", name="Complete slice").click()
+    status = tab.locator("#complete-status")
+    status.get_by_text("Done: 4 completion(s)").wait_for()
+    assert tab.locator("#complete-images img").count() == 4
+    tab.locator("#complete-kept img").wait_for()
+    tab.screenshot(path=str(ARTIFACTS / "complete.png"), full_page=True)
