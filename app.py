@@ -250,18 +250,20 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
                 decoded = gr.Gallery(label="Decoded samples", columns=4, height="fit-content", format="png",
                                      elem_id="generate-images", allow_preview=False, object_fit="contain")
 
-            slice_choices = [(s.label, s.key) for s in samples.samples]
-            first_key = slice_choices[0][1] if slice_choices else None
+            def slice_source(name: str, action: str):
+                """A row to pick a test slice or upload one: (dropdown, button, file)."""
+                choices = [(s.label, s.key) for s in samples.samples]
+                with gr.Row():
+                    return (gr.Dropdown(choices, value=choices[0][1] if choices else None, label="Slice", scale=3,
+                                        elem_id=f"{name}-slice"),
+                            gr.Button(action, variant="primary", scale=0),
+                            gr.File(label="…or upload a slice", type="filepath", scale=2, elem_id=f"{name}-upload"))
+
             with gr.Tab("Anomaly", id="anomaly"):
                 gr.Markdown("Where does a slice differ from what the models expect? Pick a slice or upload one, "
                             "optionally add a synthetic lesion, and compare the prior's likelihood, a restoration "
                             "(the unlikely codes resampled) and the anomaly map (brainvq/anomaly.py).")
-                with gr.Row():
-                    anomaly_key = gr.Dropdown(slice_choices, value=first_key, label="Slice", scale=3,
-                                              elem_id="anomaly-slice")
-                    anomaly_button = gr.Button("Analyze slice", variant="primary", scale=0)
-                    anomaly_file = gr.File(label="…or upload a slice", type="filepath", scale=2,
-                                           elem_id="anomaly-upload")
+                anomaly_key, anomaly_button, anomaly_file = slice_source("anomaly", "Analyze slice")
                 with gr.Row():
                     lesion_kind = gr.Radio(["none", *lesions.KINDS], value="none", scale=3, elem_id="lesion-kind",
                                            label="Synthetic lesion (a click adds it to the slice shown)")
@@ -284,12 +286,7 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
                 gr.Markdown("Keep part of a slice's code grid and let the prior fill in the rest. The prior fills "
                             "in raster order and sees only the codes above and to the left of each position, so "
                             "kept codes below or right of a box do not guide it (seams may show there).")
-                with gr.Row():
-                    complete_key = gr.Dropdown(slice_choices, value=first_key, label="Slice", scale=3,
-                                               elem_id="complete-slice")
-                    complete_button = gr.Button("Complete slice", variant="primary", scale=0)
-                    complete_file = gr.File(label="…or upload a slice", type="filepath", scale=2,
-                                            elem_id="complete-upload")
+                complete_key, complete_button, complete_file = slice_source("complete", "Complete slice")
                 with gr.Row():
                     keep_mode = gr.Radio(list(demo_prior.MODES), value="top rows", label="Keep")
                     keep_rows = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Share of rows kept (top rows)")

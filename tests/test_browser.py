@@ -191,9 +191,13 @@ def test_anomaly_tab_maps_a_slice_and_adds_a_lesion_in_one_click(page):
     assert "Synthetic lesion" not in summary.inner_text()
     tab.locator("#lesion-kind").get_by_text("bright").click()        # one click: a lesion on the slice shown
     summary.get_by_text("Synthetic lesion: bright, medium").wait_for()
+    first = summary.inner_text()
     tab.get_by_role("button", name="Another lesion").click()
     tab.wait_for_function("() => document.querySelector('#lesion-seed input').value === '1'")
-    summary.get_by_text("Synthetic lesion: bright, medium").wait_for()
+    tab.wait_for_function("(first) => { const s = document.querySelector('#anomaly-summary').innerText;"
+                          " return s !== first && s.includes('Synthetic lesion: bright'); }", arg=first)
+    tab.locator("#anomaly-status").get_by_text("Done.").wait_for()
+    tab.locator("#anomaly-map img").wait_for()
     tab.screenshot(path=str(ARTIFACTS / "anomaly.png"), full_page=True)
 
 
