@@ -1,6 +1,6 @@
 """Regenerate the README's screenshots: the demo with the shipped weights, in Debian Chromium.
 
-    python docs/screenshots.py            # writes docs/screenshot.png and docs/screenshot_reconstruct.png
+    python docs/screenshots.py            # docs/screenshot.png, screenshot_reconstruct.png, screenshot_anomaly.png
 """
 from __future__ import annotations
 
@@ -46,6 +46,13 @@ def main() -> None:
             page.locator("#generate-status").get_by_text("Done").wait_for()
             page.locator("#generate-images img").first.wait_for()
             page.screenshot(path=str(ROOT / "docs/screenshot.png"), full_page=True)
+            page.get_by_role("tab", name="Anomaly").click()
+            page.get_by_role("button", name="Analyze slice").click()
+            page.locator("#anomaly-summary").get_by_text("Image score").wait_for()
+            page.locator("#lesion-kind").get_by_text("dark").click()
+            page.locator("#anomaly-summary").get_by_text("Synthetic lesion: dark").wait_for()
+            page.locator("#anomaly-map img").wait_for()
+            page.screenshot(path=str(ROOT / "docs/screenshot_anomaly.png"), full_page=True)
             browser.close()
     finally:
         blocks.close()
