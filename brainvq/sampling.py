@@ -48,6 +48,12 @@ def pick(logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_k:
     return index.squeeze(-1).clamp_max(logits.shape[-1] - 1)
 
 
+def default_settings(prior: GatedPixelCNN) -> dict:
+    """The sampling settings chosen on validation for this prior (``"sampling"`` in its config.json), as keyword
+    arguments of ``sample_codes``; temperature 1 and no truncation when the checkpoint has none."""
+    return dict(getattr(prior, "meta", {}).get("sampling", {"temperature": 1.0}))
+
+
 def _check(temperature: float, top_k: int | None, n: int, method: str) -> None:
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")

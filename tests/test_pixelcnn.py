@@ -1,6 +1,8 @@
 """The gated PixelCNN prior and its samplers, on tiny real models."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -179,3 +181,23 @@ def test_a_prior_is_refused_with_another_vqvae(tmp_path):
 def test_wrong_grid_is_refused():
     with pytest.raises(ValueError, match="grid"):
         tiny_prior()(torch.zeros(1, 4, 4, dtype=torch.long))
+
+
+def test_the_shipped_configuration_sees_the_whole_grid_above():
+    """At the shipped size (64x64 grid, the shipped arch), a logit on the last row depends on every position
+    of every earlier row, and on nothing at or after itself: measured through input gradients."""
+    from brainvq.checkpoint import read_config
+
+    torch.manual_seed(0)
+    model = GatedPixelCNN(PixelCNNConfig.from_dict(read_config(Path(__file__).resolve().parents[1] / "checkpoints/pixelcnn")["arch"])).double().eval()
+    size = model.cfg.grid_size
+    x = model.embed_codes(torch.randint(0, model.cfg.num_codes, (1, size, size))).detach().requires_grad_(True)
+    v = h = x
+    for layer in model.layers:
+        v, h = layer(v, h, model.pos)
+    logits = model.head(h)
+    for j in (0, size // 2, size - 1):
+        grad, = torch.autograd.grad(logits[0, :, size - 1, j].sum(), x, retain_graph=True)
+        seen = grad[0].abs().sum(0) > 0
+        assert seen[:size - 1].all(), f"logit ({size - 1},{j}) misses positions in rows {sorted(set(torch.nonzero(~seen[:size - 1])[:, 0].tolist()))}"
+        assert seen[size - 1, :j].all() and not seen[size - 1, j:].any()
