@@ -183,6 +183,11 @@ def test_wrong_grid_is_refused():
         tiny_prior()(torch.zeros(1, 4, 4, dtype=torch.long))
 
 
+def test_rows_seen_counts_the_vertical_reach():
+    assert PixelCNNConfig(num_layers=8, max_dilation=8).rows_seen == 3 + (1 + 2 + 4 + 8) + (1 + 2 + 4)
+    assert PixelCNNConfig(num_layers=12, max_dilation=32).rows_seen == 3 + 63 + 31
+
+
 def test_the_shipped_configuration_sees_the_whole_grid_above():
     """At the shipped size (64x64 grid, the shipped arch), a logit on the last row depends on every position
     of every earlier row, and on nothing at or after itself: measured through input gradients."""
@@ -191,6 +196,7 @@ def test_the_shipped_configuration_sees_the_whole_grid_above():
     torch.manual_seed(0)
     model = GatedPixelCNN(PixelCNNConfig.from_dict(read_config(Path(__file__).resolve().parents[1] / "checkpoints/pixelcnn")["arch"])).double().eval()
     size = model.cfg.grid_size
+    assert model.cfg.rows_seen >= size - 1
     x = model.embed_codes(torch.randint(0, model.cfg.num_codes, (1, size, size))).detach().requires_grad_(True)
     v = h = x
     for layer in model.layers:
