@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gallery", default=str(ROOT / "docs/samples.png"))
     p.add_argument("--json")
     args = p.parse_args(argv)
-    vqvae = VQVAE.load(args.vqvae)
-    prior = GatedPixelCNN.load(args.pixelcnn, vqvae=vqvae)
+    vqvae = VQVAE.from_pretrained(args.vqvae)
+    prior = GatedPixelCNN.from_pretrained(args.pixelcnn, vqvae=vqvae)
     samples = torch.cat([vqvae.decode(sample_codes(prior, n=min(args.batch, args.n - start),
                                                    temperature=args.temperature, seed=args.seed + start))
                          for start in range(0, args.n, args.batch)])

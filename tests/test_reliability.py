@@ -231,7 +231,7 @@ def test_pixelcnn_sigkill_mid_epoch_then_resume_completes(train_env, spawn):
     out = train_env["root"] / "prior-killed"
     script = ["train/train_pixelcnn.py", "--vqvae", str(train_env["root"] / "prior-vqvae"),
               "--data-dir", str(train_env["data"]), *TINY_PRIOR, "--out", str(out)]
-    load = lambda folder: GatedPixelCNN.load(folder, vqvae=vqvae)  # noqa: E731
+    load = lambda folder: GatedPixelCNN.from_pretrained(folder, vqvae=vqvae)  # noqa: E731
     mid_epoch(spawn(script, train_env["env"]), epoch=2, epochs=3, before_step=28)
     assert check_snapshots(out, load) == {"best": "best-0001", "last": "last-0001"}
     text = spawn([*script, "--resume"], train_env["env"]).finish()
@@ -477,7 +477,7 @@ def served(tmp_path_factory):
     bad = bad_bundles(checkpoints, root)
     data_dir = make_folder_tree(root / "data", per_class=2, test_count=3)
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in {"BRAINVQ_OFFLINE": "1", "BRAINVQ_CACHE": str(root / "cache"),
+        for name, value in {"BRAINVQ_CACHE": str(root / "cache"),
                             "GRADIO_TEMP_DIR": str(root / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
                             "HF_HUB_CACHE": str(root / "hf-cache")}.items():
             mp.setenv(name, value)
