@@ -1,15 +1,11 @@
 """Model bundles: the VQ-VAE + PixelCNN pair from the Hugging Face Hub or a local folder; export and push them.
 
-A bundle is a folder or Hub repository holding ``vqvae/`` and (optionally) ``pixelcnn/``, each written by
-``save_pretrained`` (model.safetensors + config.json), plus a model card (README.md)::
+A bundle is a folder or Hub repository with ``vqvae/`` and optionally ``pixelcnn/`` (each from ``save_pretrained``)
+and a model card. Offline mode is the library's: ``HF_HUB_OFFLINE=1``, or ``local_files_only`` (``app.py --offline``).
+``HF_ENDPOINT`` and ``HF_HUB_CACHE`` are read at call time; ``BRAINVQ_HUB_REPO`` names the default repository.
 
     python -m brainvq.hub export --out hub_export            # checkpoints/ -> hub_export/ + model card
     python -m brainvq.hub push --folder hub_export --repo-id owner/name [--private]
-
-Downloads go through ``snapshot_download``; offline mode is huggingface_hub's own (``HF_HUB_OFFLINE=1``, or
-``local_files_only=True``, which ``python app.py --offline`` passes). Environment: ``HF_ENDPOINT`` and
-``HF_HUB_CACHE`` (read at call time), ``HF_TOKEN`` (private repos, pushing), ``BRAINVQ_HUB_REPO`` (the default
-repository).
 """
 from __future__ import annotations
 
@@ -17,16 +13,14 @@ import argparse
 import logging
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from huggingface_hub import HfApi, constants, is_offline_mode, snapshot_download
-from huggingface_hub.errors import (FileMetadataError, GatedRepoError, HfHubHTTPError, HFValidationError,
-                                    LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
-                                    RevisionNotFoundError)
+from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub.errors import (FileMetadataError, GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                    OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
 
 from brainvq.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
@@ -41,36 +35,31 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DIR = REPO_ROOT / "checkpoints"
 VQVAE_FILES = (f"vqvae/{CONFIG_NAME}", f"vqvae/{WEIGHTS_NAME}")
 PRIOR_FILES = (f"pixelcnn/{CONFIG_NAME}", f"pixelcnn/{WEIGHTS_NAME}")
-MAX_LOCAL_PATH = 4096
-_REVISION = re.compile(r"[A-Za-z0-9._+\-/]{1,128}")  # what git allows in a ref name, minus the rarely used rest
+_REVISION = re.compile(r"[A-Za-z0-9._+\-/]{1,128}")  # the characters git allows in a ref name, less the rare ones
 
-# Every failure the user can meet, in one place. "unreachable" and "down" let callers fall back to local weights.
+# Every Hub failure the user can meet, in one place ("offline", "unreachable", "down": no complete cached copy either).
 MESSAGES = {
-    "offline": "offline mode is on and {where} is not (completely) in the download cache; run once without "
-               "--offline or HF_HUB_OFFLINE to download it.",
+    "offline": "offline mode is on and {where} is not (completely) in the download cache.",
     "unreachable": "cannot reach the Hugging Face Hub at {endpoint}; check the network connection or HF_ENDPOINT.",
     "down": "the Hugging Face Hub at {endpoint} answered HTTP {status} for {where}; try again later.",
     "not_a_hub": "{endpoint} does not answer like a Hugging Face Hub; check HF_ENDPOINT.",
-    "no_repo": "the model repository {repo!r} was not found on {endpoint} (check the spelling; a private repository "
-               "also needs HF_TOKEN).",
-    "gated": "the model repository {repo!r} on {endpoint} is gated: accept its terms on the Hub and set HF_TOKEN to "
-             "a token of an account that has access.",
+    "no_repo": "the model repository {repo!r} was not found on {endpoint}; check its spelling, or set HF_TOKEN.",
+    "gated": "the model repository {repo!r} is gated: accept its terms on the Hub, then set HF_TOKEN.",
     "no_revision": "the model repository {repo!r} has no revision {revision!r} (no such branch, tag or commit).",
-    "no_file": "{where} has no file {file!r}: a BrainVQ bundle needs vqvae/{config} and vqvae/{weights} (pixelcnn/ "
-               "is optional). Export one with `python -m brainvq.hub export`.",
-    "denied": "the Hub at {endpoint} refused access to {where} (HTTP {status}): a private repository or a push needs "
-              "HF_TOKEN (or --token) with the right access.",
+    "no_file": "{where} has no file {file!r}: a bundle needs vqvae/ (config.json, model.safetensors); pixelcnn/ is "
+               "optional. Export one with `python -m brainvq.hub export`.",
+    "denied": "the Hub at {endpoint} refused access to {where} (HTTP {status}); set HF_TOKEN (or --token) with access.",
     "http": "the Hub at {endpoint} answered HTTP {status} for {where} ({detail}).",
     "cache": "could not write {where} to the download cache ({detail}).",
 }
+_ERROR_KINDS = ((GatedRepoError, "gated"), (RepositoryNotFoundError, "no_repo"), (RevisionNotFoundError, "no_revision"),
+                ((OfflineModeIsEnabled, LocalEntryNotFoundError), "offline"), (FileMetadataError, "not_a_hub"))
 
 
 class HubError(RuntimeError):
     """A Hub repository or local folder that cannot be used; the message is meant for the user."""
 
-    def __init__(self, message: str, kind: str = "invalid", status: int | None = None):
-        super().__init__(message)
-        self.kind, self.status = kind, status
+    kind = "invalid"  # bad input; hub_error() sets a key of MESSAGES
 
 
 def _endpoint() -> str:
@@ -80,27 +69,30 @@ def _endpoint() -> str:
 
 def hub_error(kind: str, repo: str = "", revision: str = "main", status: int | None = None, **fields: Any) -> HubError:
     """The HubError of MESSAGES[kind], filled in."""
-    message = MESSAGES[kind].format(endpoint=_endpoint(), repo=repo, revision=revision, where=f"{repo}@{revision}",
-                                    status=status, config=CONFIG_NAME, weights=WEIGHTS_NAME, **fields)
-    return HubError(message, kind, status)
+    error = HubError(MESSAGES[kind].format(endpoint=_endpoint(), repo=repo, revision=revision, status=status,
+                                           where=f"{repo}@{revision}", **fields))
+    error.kind = kind
+    return error
 
 
 def explain(error: BaseException, repo: str, revision: str = "main") -> HubError:
-    """The HubError for a failed huggingface_hub call; a transport error of its HTTP client means "unreachable"."""
+    """The HubError for a failed huggingface_hub call; the original goes to the log."""
     if isinstance(error, HubError):
         return error
+    if isinstance(error, LocalEntryNotFoundError) and error.__cause__ is not None:  # the Hub failed, no cached copy
+        return explain(error.__cause__, repo, revision)  # (without a cause: local_files_only, no cached copy)
+    log.warning("Hub request for %s@%s failed: %r", repo, revision, error)
     response = getattr(error, "response", None)
     status = getattr(response, "status_code", None)
-    kind = ("gated" if isinstance(error, GatedRepoError) else "no_repo" if isinstance(error, RepositoryNotFoundError)
-            else "no_revision" if isinstance(error, RevisionNotFoundError)
-            else "offline" if isinstance(error, OfflineModeIsEnabled) else "denied" if status in (401, 403)
-            else "down" if status in (408, 429) or (status or 0) >= 500
-            else "not_a_hub" if status == 404 and "X-Error-Code" not in response.headers
-            else "http" if status else "unreachable" if isinstance(error, LocalEntryNotFoundError)
-            else "not_a_hub" if isinstance(error, (FileMetadataError, ValueError, KeyError, TypeError))
-            else "cache" if isinstance(error, OSError) else "unreachable")
-    log.warning("Hub request for %s@%s failed: %r", repo, revision, error)
     detail = " ".join(str(getattr(error, "server_message", None) or error).split())[:200]
+    kind = next((kind for error_class, kind in _ERROR_KINDS if isinstance(error, error_class)), None)
+    if kind is None and status:
+        kind = ("denied" if status in (401, 403) else "down" if status in (408, 429) or status >= 500
+                else "not_a_hub" if status == 404 and "X-Error-Code" not in response.headers  # the Hub names its 404s
+                else "http")
+    elif kind is None:  # no answer, an answer that is not the Hub's JSON, a full disk, or a transport error
+        kind = ("not_a_hub" if isinstance(error, (ValueError, KeyError, TypeError))
+                else "cache" if isinstance(error, OSError) else "unreachable")
     return hub_error(kind, repo, revision, status, detail=detail)
 
 
@@ -110,26 +102,23 @@ def default_repo_id() -> str:
 
 
 def validate_repo_id(repo_id: str) -> str:
-    """The stripped id, if huggingface_hub's validator accepts it; else a HubError that says what a valid one is."""
+    """The stripped id, if huggingface_hub's validator accepts it; else a HubError saying what a valid one is."""
     value = repo_id.strip() if isinstance(repo_id, str) else repo_id
     try:
         hf_validate_repo_id(value or "")
     except HFValidationError:
-        shown = str(value)[:60] + ("..." if len(str(value)) > 60 else "")
-        raise HubError(f"{shown!r} is not a valid Hugging Face repository id: use 'owner/name' with letters, digits, "
-                       f"'-', '_' or '.' (no '--' or '..', at most 96 characters), e.g. {DEFAULT_REPO_ID!r}.") from None
+        raise HubError(f"{str(value)[:60]!r} is not a valid Hugging Face repository id: use 'owner/name' with letters, "
+                       "digits, '-', '_' or '.' (no '--' or '..', at most 96 characters).") from None
     return value
 
 
 def validate_revision(revision: str | None) -> str:
-    """A branch, tag or commit (None or '' -> 'main') by git's ref-name rules (huggingface_hub has no validator)."""
+    """A branch, tag or commit (None or '' -> 'main') by git's ref-name rules; huggingface_hub has no validator."""
     value = (revision or "").strip() or "main"
-    parts = value.split("/")
     if not _REVISION.fullmatch(value) or ".." in value or any(
-            not part or part.startswith(".") or part.endswith((".", ".lock")) for part in parts):
-        shown = value[:60] + ("..." if len(value) > 60 else "")
-        raise HubError(f"{shown!r} is not a valid revision: use a branch or tag name such as 'main', or a 40-character "
-                       "commit hash.")
+            not part or part.startswith(".") or part.endswith((".", ".lock")) for part in value.split("/")):
+        raise HubError(f"{value[:60]!r} is not a valid revision: use a branch or tag name such as 'main', or a "
+                       "40-character commit hash.")
     return value
 
 
@@ -151,9 +140,8 @@ class ModelBundle:
             "source": self.source, "notice": self.notice, "folder": str(self.folder) if self.folder else None,
             "K": self.vqvae.cfg.num_codes, "D": self.vqvae.cfg.code_dim, "grid_size": grid, "grid": f"{grid}x{grid}",
             "vqvae_fingerprint": self.vqvae.fingerprint(),
-            # the K x D codebook is an EMA-updated buffer, not a Parameter, but it is learned all the same
-            "vqvae_params": _count_params(self.vqvae) + self.vqvae.quantizer.codebook.numel(),
-            "prior_params": _count_params(self.prior) if self.prior is not None else None,
+            "vqvae_params": sum(p.numel() for p in self.vqvae.parameters()) + self.vqvae.quantizer.codebook.numel(),
+            "prior_params": sum(p.numel() for p in self.prior.parameters()) if self.prior is not None else None,
             "has_prior": self.prior is not None,
             "metrics": {"vqvae": dict(vq_meta.get("metrics") or {}),
                         "pixelcnn": dict(prior_meta.get("metrics") or {}) if self.prior is not None else None},
@@ -161,95 +149,53 @@ class ModelBundle:
         }
 
 
-def _count_params(model: Any) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
-
-
-def download_bundle(repo_id: str, revision: str = "main", cache_dir: str | Path | None = None,
-                    local_files_only: bool = False, timeout: float = 10.0) -> tuple[Path, str | None]:
-    """snapshot_download of a bundle; returns its folder and, when the copy comes from the cache instead of the
-    Hub (offline mode, Hub unreachable), a notice saying so."""
-    repo_id, revision = validate_repo_id(repo_id), validate_revision(revision)
-    where = f"{repo_id}@{revision}"
-    fetch = dict(repo_id=repo_id, revision=revision, allow_patterns=["vqvae/*", "pixelcnn/*"],
-                 cache_dir=cache_dir or os.environ.get("HF_HUB_CACHE") or None, endpoint=_endpoint())
-    if local_files_only or is_offline_mode():
-        return _cached(fetch, hub_error("offline", repo_id, revision)), f"Offline mode: using the cached copy of {where}."
-    try:  # one quick request first: it tells a missing repository from an outage, which may use the cache
-        HfApi(endpoint=_endpoint()).model_info(repo_id, revision=revision, timeout=timeout)
-    except Exception as error:  # noqa: BLE001 - explain() sorts every failure
-        problem = explain(error, repo_id, revision)
-        if problem.kind not in ("unreachable", "down"):
-            raise problem from error
-        why = f"HTTP {problem.status}" if problem.status else "no connection"
-        return _cached(fetch, problem), f"The Hugging Face Hub at {_endpoint()} is unreachable ({why}); using the " \
-                                        f"cached copy of {where}."
-    try:
-        return _complete(Path(snapshot_download(**fetch, etag_timeout=timeout)), repo_id, revision), None
-    except Exception as error:  # noqa: BLE001
-        raise explain(error, repo_id, revision) from error
-
-
-def _cached(fetch: dict[str, Any], problem: HubError) -> Path:
-    """The complete cached snapshot (snapshot_download with local_files_only), or ``problem``."""
-    try:
-        return _complete(Path(snapshot_download(**fetch, local_files_only=True)), fetch["repo_id"], fetch["revision"])
-    except (LocalEntryNotFoundError, HubError):  # not cached, or incomplete (IncompleteSnapshotError)
-        raise problem from None
-
-
-def _complete(folder: Path, repo: str, revision: str) -> Path:
-    """``folder`` if it holds a whole bundle: both vqvae/ files, and pixelcnn/ complete or absent."""
-    needed = VQVAE_FILES + (PRIOR_FILES if (folder / "pixelcnn").exists() else ())
-    for name in needed:
-        if not (folder / name).is_file():
-            raise hub_error("no_file", repo, revision, file=name)
-    return folder
-
-
 def load_bundle(folder: str | Path, source: str | None = None) -> ModelBundle:
     """Load folder/vqvae and, if present, folder/pixelcnn (refused unless trained on that VQ-VAE)."""
     folder = Path(folder)
     vqvae = VQVAE.from_pretrained(folder / "vqvae")
-    prior_dir = folder / "pixelcnn"
-    prior = GatedPixelCNN.from_pretrained(prior_dir, vqvae=vqvae) if prior_dir.exists() else None
-    return ModelBundle(vqvae=vqvae, prior=prior, source=source or f"local folder: {folder}", folder=folder)
+    prior = GatedPixelCNN.from_pretrained(folder / "pixelcnn", vqvae=vqvae) if (folder / "pixelcnn").exists() else None
+    return ModelBundle(vqvae, prior, source or f"local folder: {_display(folder.resolve())}", folder=folder)
 
 
 def load_from_hub(repo_id: str, revision: str = "main", cache_dir: str | Path | None = None,
-                  local_files_only: bool = False, timeout: float = 10.0) -> ModelBundle:
-    """Download (or take from the cache) and load a Hub bundle; a damaged download is a CheckpointError naming it."""
+                  local_files_only: bool = False) -> ModelBundle:
+    """snapshot_download and load a Hub bundle: from the Hub, else (offline, Hub unreachable) a complete cached copy.
+
+    A damaged download is a CheckpointError naming the file; every other failure a HubError from MESSAGES.
+    """
     repo_id, revision = validate_repo_id(repo_id), validate_revision(revision)
-    snapshot, notice = download_bundle(repo_id, revision, cache_dir, local_files_only, timeout)
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["vqvae/*", "pixelcnn/*"],
+                                          endpoint=_endpoint(), cache_dir=cache_dir or os.environ.get("HF_HUB_CACHE"),
+                                          local_files_only=local_files_only))
+    except Exception as error:  # noqa: BLE001 - explain() sorts every failure
+        raise explain(error, repo_id, revision) from error
+    for name in VQVAE_FILES + (PRIOR_FILES if (snapshot / "pixelcnn").exists() else ()):
+        if not (snapshot / name).is_file():
+            raise hub_error("no_file", repo_id, revision, file=name)
     commit = snapshot.name
     source = f"Hub: {repo_id}@{revision}" + (f" (commit {commit[:7]})" if commit != revision else "")
     try:
         bundle = load_bundle(snapshot, source=source)
     except CheckpointError as error:
         raise CheckpointError(f"{error} [downloaded from the Hugging Face Hub: {repo_id}@{revision}, commit {commit}; "
-                              f"the repository's files are damaged, or delete {snapshot} to download them again]") from error
-    bundle.notice = notice
+                              f"the repository's files are damaged, or delete {snapshot} to download them again]"
+                              ) from error
     return bundle
 
 
 def resolve_local(folder: str | Path, allowed_roots: list[Path]) -> Path:
-    """Resolve ``folder`` (relative paths from the project root, symlinks followed) inside an allowed root, or raise.
-
-    The refusal reads the same whether or not the path exists, so it cannot be used to probe the file system.
-    """
+    """Resolve ``folder`` (relative to the project root, symlinks followed) inside an allowed root, or raise a refusal
+    that reads the same whether or not the path exists, so it cannot be used to probe the file system."""
     roots = [(p if p.is_absolute() else REPO_ROOT / p).resolve(strict=False) for p in map(Path, allowed_roots)]
     raw = str(folder).strip() if isinstance(folder, (str, os.PathLike)) else ""
-    shown = raw if len(raw) <= 120 else raw[:117] + "..."
-    refusal = HubError(f"{shown!r} is not inside an allowed checkpoint folder (allowed: "
+    refusal = HubError(f"{raw[:120]!r} is not inside an allowed checkpoint folder (allowed: "
                        f"{', '.join(map(_display, roots)) or 'none'}). Choose a folder under one of them.")
-    if not raw or len(raw) > MAX_LOCAL_PATH or "\x00" in raw:
-        raise refusal
     try:
-        path = Path(raw)
-        resolved = (path if path.is_absolute() else REPO_ROOT / path).resolve(strict=False)
-    except (OSError, ValueError, RuntimeError):  # symlink loops, odd names
+        resolved = (REPO_ROOT / raw).resolve(strict=False)  # an absolute raw replaces REPO_ROOT
+    except (OSError, ValueError, RuntimeError):  # symlink loops, NUL bytes, odd names
         raise refusal from None
-    if not any(resolved == root or root in resolved.parents for root in roots):
+    if not raw or not any(resolved == root or root in resolved.parents for root in roots):
         raise refusal
     return resolved
 
@@ -261,15 +207,14 @@ def _display(path: Path) -> str:
 
 def load_local(folder: str | Path, allowed_roots: list[Path]) -> ModelBundle:
     """resolve_local + load_bundle."""
-    resolved = resolve_local(folder, allowed_roots)
-    return load_bundle(resolved, source=f"local folder: {_display(resolved)}")
+    return load_bundle(resolve_local(folder, allowed_roots))
 
 
 def load_default(repo_id: str | None = None, revision: str = "main", fallback: Path = BUNDLED_DIR,
                  offline: bool = False) -> ModelBundle:
     """The Hub bundle (from the cache only when ``offline``), else the ``fallback`` weights with a notice saying why."""
-    repo, rev, fallback = (repo_id or "").strip() or default_repo_id(), (revision or "").strip() or "main", Path(fallback)
-    what = "checkpoints/" if fallback.resolve() == BUNDLED_DIR.resolve() else str(fallback)
+    repo, rev = (repo_id or "").strip() or default_repo_id(), (revision or "").strip() or "main"
+    what = _display(Path(fallback).resolve())
     try:
         return load_from_hub(repo, rev, local_files_only=offline)
     except (HubError, CheckpointError) as error:
@@ -283,7 +228,7 @@ def load_default(repo_id: str | None = None, revision: str = "main", fallback: P
         notice = f"Could not load {repo}@{rev} from the Hugging Face Hub ({reason}); using the bundled {what} weights."
     log.warning(notice)
     try:
-        bundle = load_bundle(fallback, source=f"local folder: {_display(fallback.resolve())}")
+        bundle = load_bundle(fallback)
     except CheckpointError as error:
         raise CheckpointError(f"No model could be loaded: the Hub bundle {repo}@{rev} failed ({reason}), and the "
                               f"bundled weights failed too: {error}") from error
@@ -292,20 +237,18 @@ def load_default(repo_id: str | None = None, revision: str = "main", fallback: P
 
 
 def export_bundle(out: Path, vqvae_dir: Path, prior_dir: Path | None, repo_id: str) -> Path:
-    """Copy the checkpoints into out/vqvae and out/pixelcnn (atomically) and write a model card out/README.md."""
+    """Save both checkpoints to out/vqvae and out/pixelcnn (save_pretrained) and the bundle's card to out/README.md."""
     repo_id, out = validate_repo_id(repo_id), Path(out)
     vqvae = VQVAE.from_pretrained(Path(vqvae_dir))  # refuse to export anything that would not load, or a mismatch
     prior = GatedPixelCNN.from_pretrained(Path(prior_dir), vqvae=vqvae) if prior_dir is not None else None
     if prior is None and (out / "pixelcnn").exists():
         raise HubError(f"{out / 'pixelcnn'} already exists but no prior was given: remove it or pass the prior, so "
                        "the export does not mix a stale prior with this VQ-VAE.")
-    for sub, src in (("vqvae", vqvae_dir), ("pixelcnn", prior_dir)):
-        if src is not None and (out / sub).resolve() != Path(src).resolve():  # not exporting in place
-            for name in (WEIGHTS_NAME, CONFIG_NAME):  # config last: a folder with a config is complete
-                with open(Path(src) / name, "rb") as source:
-                    atomic_write_bytes(out / sub / name, lambda file: shutil.copyfileobj(source, file, 1 << 20))
-    card = vqvae.generate_model_card(pixelcnn=prior.checkpoint_config() if prior else None, repo_id=repo_id,
-                                     bundle=True)
+    vqvae.save_pretrained(out / "vqvae")
+    if prior is not None:
+        prior.save_pretrained(out / "pixelcnn")
+    card = vqvae.generate_model_card(pixelcnn=prior.checkpoint_config() if prior is not None else None, bundle=True,
+                                     repo_id=repo_id)
     atomic_write_bytes(out / "README.md", lambda file: file.write(str(card).encode()))
     return out
 
@@ -324,15 +267,14 @@ def push_bundle(folder: Path, repo_id: str, token: str | None = None, private: b
     return info.commit_url
 
 
-def main(argv: Iterable[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """CLI: ``export`` a bundle with a model card, or ``push`` one to the Hub."""
     parser = argparse.ArgumentParser(prog="python -m brainvq.hub", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     export = sub.add_parser("export", help="copy checkpoints into a Hub-ready folder with a model card")
     export.add_argument("--out", required=True, type=Path, help="folder to write")
     export.add_argument("--vqvae", type=Path, default=BUNDLED_DIR / "vqvae", help="VQ-VAE checkpoint folder")
-    export.add_argument("--pixelcnn", type=Path, default=None,
-                        help="PixelCNN checkpoint folder (default: checkpoints/pixelcnn if it exists)")
+    export.add_argument("--pixelcnn", type=Path, default=BUNDLED_DIR / "pixelcnn", help="PixelCNN checkpoint folder")
     export.add_argument("--no-pixelcnn", action="store_true", help="export the VQ-VAE alone")
     export.add_argument("--repo-id", default=default_repo_id(), help="repository named in the model card")
     push = sub.add_parser("push", help="upload an exported folder to the Hub (HF_TOKEN or --token)")
@@ -340,14 +282,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     push.add_argument("--repo-id", required=True)
     push.add_argument("--private", action="store_true")
     push.add_argument("--token", default=None, help="Hub token with write access (default: HF_TOKEN / login)")
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    args = parser.parse_args(argv)
     try:
         if args.command == "export":
             prior = None if args.no_pixelcnn else args.pixelcnn
-            if prior is None and not args.no_pixelcnn and (BUNDLED_DIR / "pixelcnn").exists():
-                prior = BUNDLED_DIR / "pixelcnn"
             out = export_bundle(args.out, args.vqvae, prior, args.repo_id)
-            print(f"exported {'VQ-VAE + PixelCNN' if prior else 'VQ-VAE only'} to {out} (model card: {out / 'README.md'})")
+            print(f"exported {'VQ-VAE + PixelCNN' if prior else 'VQ-VAE only'} with a model card to {out}")
         else:
             print(push_bundle(args.folder, args.repo_id, token=args.token, private=args.private))
     except (HubError, CheckpointError) as error:

@@ -345,10 +345,10 @@ def test_download_and_load_from_the_fake_hub(fake_hub, bundle_dir, models, image
     assert info["data"] == KAGGLE_DATA and info["source"] == bundle.source
     assert info["vqvae_params"] > 16 * 8 and info["prior_params"] == sum(p.numel() for p in models[1].parameters())
 
-    # A tag or a commit hash works too, and download_bundle hands back the same snapshot folder.
+    # A tag or a commit hash works too, and gives the same snapshot folder.
     fake_hub.refs[REPO]["v1.0"] = commit
-    assert hub.download_bundle(REPO, "v1.0", cache_dir=tmp_path / "cache") == (bundle.folder, None)
-    assert hub.download_bundle(REPO, commit, cache_dir=tmp_path / "cache") == (bundle.folder, None)
+    assert hub.load_from_hub(REPO, "v1.0", cache_dir=tmp_path / "cache").folder == bundle.folder
+    assert hub.load_from_hub(REPO, commit, cache_dir=tmp_path / "cache").folder == bundle.folder
 
 
 def test_a_bundle_without_a_prior_loads_for_reconstruction(fake_hub, bundle_dir, models, images, tmp_path):
@@ -362,7 +362,7 @@ def test_a_bundle_without_a_prior_loads_for_reconstruction(fake_hub, bundle_dir,
 def test_the_default_cache_follows_hf_hub_cache_at_call_time(fake_hub, bundle_dir, tmp_path, monkeypatch):
     fake_hub.add_repo(REPO, bundle_dir)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "late-cache"))
-    assert hub.download_bundle(REPO)[0].is_relative_to(tmp_path / "late-cache")
+    assert hub.load_from_hub(REPO).folder.is_relative_to(tmp_path / "late-cache")
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -387,7 +387,7 @@ def test_an_endpoint_that_is_not_a_hub_is_named(fake_hub, bundle_dir, tmp_path, 
     fake_hub.add_repo(REPO, bundle_dir)
     fake_hub.web_server = status  # a plain web server: a 404 page, or the same HTML page for every path
     with pytest.raises(HubError, match=f"^{fake_hub.endpoint} does not answer like a Hugging Face Hub.*HF_ENDPOINT"):
-        hub.download_bundle(REPO, cache_dir=tmp_path / "cache")
+        hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
 
 
 def test_a_truncated_download_is_a_checkpoint_error_naming_the_file(fake_hub, bundle_dir, tmp_path):
@@ -419,7 +419,7 @@ def test_unreachable_hub_falls_back_to_the_bundled_folder(bundle_dir, models, im
     assert bundle.notice == (f"The Hugging Face Hub at {endpoint} is unreachable, so the bundled {bundle_dir} weights "
                              "are in use. Start the app with --offline to skip the Hub.")  # no raw "[Errno ...]"
     with pytest.raises(HubError, match=f"^cannot reach the Hugging Face Hub at {endpoint}; check the network") as info:
-        hub.download_bundle(REPO)
+        hub.load_from_hub(REPO)
     assert info.value.kind == "unreachable" and "Errno" not in str(info.value)
 
 
@@ -428,8 +428,8 @@ def test_unreachable_hub_reuses_a_complete_cached_download(fake_hub, bundle_dir,
     fake_hub.add_repo(REPO, bundle_dir)
     first = hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
-    again = hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
-    assert again.folder == first.folder and "unreachable" in again.notice and "cached copy" in again.notice
+    again = hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")  # snapshot_download falls back to the cache
+    assert again.folder == first.folder and again.source == first.source
     assert_same_outputs(again, *models, images)
 
 
@@ -437,28 +437,26 @@ def test_a_hub_outage_uses_the_cache_or_says_what_failed(fake_hub, bundle_dir, t
     fake_hub.add_repo(REPO, bundle_dir)
     fake_hub.down = True
     with pytest.raises(HubError, match="answered HTTP 503 for brainvq/tiny-bundle@main; try again later"):
-        hub.download_bundle(REPO, cache_dir=tmp_path / "cache")
+        hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
     fake_hub.down = False
-    hub.download_bundle(REPO, cache_dir=tmp_path / "cache")
+    first = hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
     fake_hub.down = True
-    bundle = hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
-    assert bundle.notice == (f"The Hugging Face Hub at {fake_hub.endpoint} is unreachable (HTTP 503); using the "
-                             f"cached copy of {REPO}@main.")
+    assert hub.load_from_hub(REPO, cache_dir=tmp_path / "cache").folder == first.folder
 
 
 def test_a_cached_bundle_without_prior_is_reused_when_unreachable(fake_hub, bundle_dir, models, images, tmp_path,
                                                                   monkeypatch):
     fake_hub.add_repo(REPO, bundle_dir, files=BUNDLE_FILES[:2])
-    hub.download_bundle(REPO, cache_dir=tmp_path / "cache")
+    hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     bundle = hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
-    assert bundle.prior is None and "cached copy" in bundle.notice
+    assert bundle.prior is None and bundle.source.startswith(f"Hub: {REPO}@main (commit ")
     assert_same_outputs(bundle, models[0], None, images)
 
 
 def test_an_incomplete_cache_is_not_used(fake_hub, bundle_dir, tmp_path, monkeypatch):
     fake_hub.add_repo(REPO, bundle_dir)
-    hub.download_bundle(REPO, cache_dir=tmp_path / "cache")
+    hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
     for blob in (tmp_path / "cache").rglob("pixelcnn/model.safetensors"):
         blob.unlink()  # as if that download had been interrupted
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
@@ -479,16 +477,16 @@ def test_offline_mode_skips_the_hub(fake_hub, bundle_dir, models, images, tmp_pa
     assert bundle.notice == (f"Offline mode: {REPO}@main is not in the download cache, so the bundled {fallback} "
                              "weights are in use.")
     with pytest.raises(HubError, match="^offline mode is on and brainvq/tiny-bundle@main is not"):
-        hub.download_bundle(REPO, local_files_only=offline)
+        hub.load_from_hub(REPO, local_files_only=offline)
     assert fake_hub.log == []
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # download once, then offline uses the cached copy
-    hub.download_bundle(REPO)
+    hub.load_from_hub(REPO)
     fake_hub.log.clear()
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", switch == "HF_HUB_OFFLINE")
     bundle = hub.load_default(REPO, fallback=fallback, offline=offline)
     assert_same_outputs(bundle, *models, images)
-    assert bundle.notice == f"Offline mode: using the cached copy of {REPO}@main." and fake_hub.log == []
+    assert bundle.source.startswith(f"Hub: {REPO}@main (commit ") and bundle.notice is None and fake_hub.log == []
 
 
 def test_default_repo_comes_from_the_environment(fake_hub, bundle_dir, tmp_path, monkeypatch):
@@ -671,8 +669,8 @@ def test_export_writes_the_files_and_an_honest_model_card(bundle_dir, models, im
     out = hub.export_bundle(tmp_path / "export", bundle_dir / "vqvae", bundle_dir / "pixelcnn", "owner/brainvq-test")
     for name in BUNDLE_FILES:
         assert (out / name).read_bytes() == (bundle_dir / name).read_bytes()
-    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == sorted(
-        ["README.md", "config.json", "config.json", "model.safetensors", "model.safetensors"])  # no temp files left
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(
+        ["README.md", *BUNDLE_FILES, "vqvae/README.md", "pixelcnn/README.md"])  # save_pretrained; no temp files left
     assert_same_outputs(hub.load_bundle(out), *models, images)
     card = (out / "README.md").read_text()
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
