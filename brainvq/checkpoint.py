@@ -42,7 +42,7 @@ class CheckpointError(RuntimeError):
 
 class HubModel(PyTorchModelHubMixin, library_name="pytorch", license="mit", model_card_template=MODEL_CARD,
                tags=["brainvq", "vq-vae", "pixelcnn", "mri"]):
-    """save_pretrained / from_pretrained / push_to_hub for BrainVQ's models (subclasses set kind, label, config_class)."""
+    """save_pretrained / from_pretrained / push_to_hub for the models (subclasses set kind, label, config_class)."""
 
     kind: ClassVar[str]
     label: ClassVar[str]
@@ -66,7 +66,7 @@ class HubModel(PyTorchModelHubMixin, library_name="pytorch", license="mit", mode
         atomic_write_json(save_directory / CONFIG_NAME, self.checkpoint_config())
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
-        """The mixin's card from brainvq/model_card.md, filled from this model's config (kwargs add a bundle's other)."""
+        """The mixin's card (brainvq/model_card.md) from this model's config; kwargs add a bundle's other model."""
         configs = {self.kind: self.checkpoint_config(), **kwargs}
         rows = [(label, key, value) for label, name in (("VQ-VAE", "vqvae"), ("PixelCNN", "pixelcnn"))
                 for key, value in ((configs.get(name) or {}).get("metrics") or {}).items()]
@@ -75,18 +75,24 @@ class HubModel(PyTorchModelHubMixin, library_name="pytorch", license="mit", mode
     @classmethod
     def from_pretrained(cls: type[M], pretrained_model_name_or_path: str | os.PathLike, *, map_location: str = "cpu",
                         **download: Any) -> M:
-        """Load a folder written by save_pretrained, or a Hub repository id (fetched by ``snapshot_download(**download)``:
-        revision, cache_dir, token, local_files_only, endpoint). A Path or an existing folder is always local."""
+        """Load a folder written by save_pretrained, or a Hub repository id fetched by snapshot_download(**download)
+        (revision, cache_dir, token, local_files_only, endpoint). A Path or an existing folder is always local."""
         folder = pretrained_model_name_or_path
         if not _is_local(folder):
-            folder = snapshot_download(str(folder), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME], **download)
+            try:
+                folder = snapshot_download(str(folder), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME], **download)
+            except Exception as error:  # noqa: BLE001 - brainvq.hub.explain sorts every Hub failure
+                from brainvq.hub import explain  # brainvq.hub imports the models, so it cannot be imported above
+                reason = explain(error, str(folder), download.get("revision") or "main", download.get("endpoint"))
+                raise CheckpointError(f"{str(folder)!r} is no folder here; as a Hub repository: {reason}") from error
         config = read_config(folder)
         if config["kind"] != cls.kind:
             raise CheckpointError(f"{str(folder)!r} holds a {config['kind']!r} checkpoint, not a {cls.label}.")
         try:
             model = cls(cls.config_class.from_dict(config["arch"]))
         except (AttributeError, TypeError, ValueError, RuntimeError) as error:
-            raise CheckpointError(f"{str(Path(folder) / CONFIG_NAME)!r} has a malformed 'arch' entry ({error}).") from error
+            raise CheckpointError(f"{str(Path(folder) / CONFIG_NAME)!r} has a malformed 'arch' entry ({error})."
+                                  ) from error
         load_weights(model, folder)
         model.meta = config
         return model.to(map_location).eval()

@@ -67,20 +67,20 @@ def _endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT", "").strip() or constants.ENDPOINT).rstrip("/")
 
 
-def hub_error(kind: str, repo: str = "", revision: str = "main", status: int | None = None, **fields: Any) -> HubError:
-    """The HubError of MESSAGES[kind], filled in."""
-    error = HubError(MESSAGES[kind].format(endpoint=_endpoint(), repo=repo, revision=revision, status=status,
-                                           where=f"{repo}@{revision}", **fields))
+def hub_error(kind: str, repo: str = "", revision: str = "main", **fields: Any) -> HubError:
+    """The HubError of MESSAGES[kind], filled in; ``endpoint`` defaults to HF_ENDPOINT read now."""
+    fields = {"status": None, **fields, "endpoint": fields.get("endpoint") or _endpoint()}
+    error = HubError(MESSAGES[kind].format(repo=repo, revision=revision, where=f"{repo}@{revision}", **fields))
     error.kind = kind
     return error
 
 
-def explain(error: BaseException, repo: str, revision: str = "main") -> HubError:
+def explain(error: BaseException, repo: str, revision: str = "main", endpoint: str | None = None) -> HubError:
     """The HubError for a failed huggingface_hub call; the original goes to the log."""
     if isinstance(error, HubError):
         return error
     if isinstance(error, LocalEntryNotFoundError) and error.__cause__ is not None:  # the Hub failed, no cached copy
-        return explain(error.__cause__, repo, revision)  # (without a cause: local_files_only, no cached copy)
+        return explain(error.__cause__, repo, revision, endpoint)  # (no cause: local_files_only, no cached copy)
     log.warning("Hub request for %s@%s failed: %r", repo, revision, error)
     response = getattr(error, "response", None)
     status = getattr(response, "status_code", None)
@@ -93,7 +93,7 @@ def explain(error: BaseException, repo: str, revision: str = "main") -> HubError
     elif kind is None:  # no answer, an answer that is not the Hub's JSON, a full disk, or a transport error
         kind = ("not_a_hub" if isinstance(error, (ValueError, KeyError, TypeError))
                 else "cache" if isinstance(error, OSError) else "unreachable")
-    return hub_error(kind, repo, revision, status, detail=detail)
+    return hub_error(kind, repo, revision, status=status, endpoint=endpoint, detail=detail)
 
 
 def default_repo_id() -> str:

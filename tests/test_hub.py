@@ -514,8 +514,9 @@ def test_validate_repo_id_accepts(repo_id):  # huggingface_hub's rules: a canoni
 
 
 @pytest.mark.parametrize("repo_id", ["../etc", "a/b/c", "", "   ", "owner/na me", "x" * 200, "/name", "owner/",
-                                     "owner/..", "owner/a..b", "owner/a--b", "-owner/name", "owner/name.", ".owner/name",
-                                     "owner\n/name", "own\x00er/name", "owner/näme", "owner/name?x=1", "owner/x.git",
+                                     "owner/..", "owner/a..b", "owner/a--b", "-owner/name", "owner/name.",
+                                     ".owner/name", "owner\n/name", "own\x00er/name", "owner/näme", "owner/name?x=1",
+                                     "owner/x.git",
                                      "owner/" + "y" * 97, None])
 def test_validate_repo_id_refuses(repo_id):
     with pytest.raises(HubError, match="not a valid Hugging Face repository id"):
@@ -740,3 +741,10 @@ def test_cli_export(bundle_dir, tmp_path, capsys):
     assert (tmp_path / "cli" / "README.md").is_file() and (tmp_path / "cli" / "pixelcnn" / "config.json").is_file()
     assert hub.main(["export", "--out", str(tmp_path / "bad"), "--vqvae", str(tmp_path / "none")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_name_that_is_neither_a_folder_nor_a_reachable_repo_is_a_clear_checkpoint_error(tmp_path):
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(CheckpointError, match=r"^'runs/no-such' is no folder here; as a Hub repository: cannot "
+                                              f"reach the Hugging Face Hub at {endpoint}"):
+        VQVAE.from_pretrained("runs/no-such", endpoint=endpoint, cache_dir=tmp_path / "cache")
