@@ -108,10 +108,7 @@ class GatedLayer(nn.Module):
 
 
 class GatedPixelCNN(nn.Module, checkpoint.HubModel):
-    """Autoregressive prior p(code_ij | codes above and to the left), raster order.
-
-    Checkpoints: ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (brainvq.checkpoint.HubModel).
-    """
+    """Autoregressive prior p(code_ij | codes above and to the left), raster order."""
 
     kind, label, config_class = "pixelcnn", "PixelCNN prior", PixelCNNConfig
 

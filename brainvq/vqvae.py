@@ -209,10 +209,7 @@ class VQVAEOutput:
 
 
 class VQVAE(nn.Module, checkpoint.HubModel):
-    """Encoder, vector quantiser and decoder; ``forward`` returns reconstruction, losses and codes.
-
-    Checkpoints: ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (brainvq.checkpoint.HubModel).
-    """
+    """Encoder, vector quantiser and decoder; ``forward`` returns reconstruction, losses and codes."""
 
     kind, label, config_class = "vqvae", "VQ-VAE", VQVAEConfig
 

@@ -198,7 +198,7 @@ def test_vqvae_sigkill_mid_epoch_and_mid_snapshot_then_resume_matches_uninterrup
     # 1. SIGKILL while epoch 2 trains: epoch 1's snapshots stand, the partial epoch is simply lost.
     run = spawn([*script, "--out", str(killed)], env)
     mid_epoch(run, epoch=2, epochs=3, before_step=80)
-    assert check_snapshots(killed, VQVAE.load) == {"best": "best-0001", "last": "last-0001"}
+    assert check_snapshots(killed, VQVAE.from_pretrained) == {"best": "best-0001", "last": "last-0001"}
     assert [h["epoch"] for h in history_of(killed)] == [1]
 
     # 2. Resume, and SIGKILL again the moment epoch 2 is reported, while its snapshots are being written.
@@ -206,14 +206,14 @@ def test_vqvae_sigkill_mid_epoch_and_mid_snapshot_then_resume_matches_uninterrup
     run.wait_for(r"epoch=2 ", "out")
     run.kill()
     assert "resumed from" in run.text("out") and "at epoch 2" in run.text("out")
-    targets = check_snapshots(killed, VQVAE.load)
+    targets = check_snapshots(killed, VQVAE.from_pretrained)
     assert targets["last"] in ("last-0001", "last-0002"), targets
 
     # 3. Resume to the end: the same arithmetic as the run that was never interrupted.
     out = spawn([*script, "--out", str(killed), "--resume"], env).finish()
     assert "resumed from" in out
-    targets = check_snapshots(killed, VQVAE.load)
-    assert {k: same_snapshot(v) for k, v in targets.items()} == check_snapshots(straight, VQVAE.load)
+    targets = check_snapshots(killed, VQVAE.from_pretrained)
+    assert {k: same_snapshot(v) for k, v in targets.items()} == check_snapshots(straight, VQVAE.from_pretrained)
     assert [h["epoch"] for h in history_of(killed)] == [1, 2, 3]
     assert history_of(killed) == history_of(straight)
     for name in ("last", "best"):
