@@ -81,7 +81,6 @@ def explain(error: BaseException, repo: str, revision: str = "main", endpoint: s
         return error
     if isinstance(error, LocalEntryNotFoundError) and error.__cause__ is not None:  # the Hub failed, no cached copy
         return explain(error.__cause__, repo, revision, endpoint)  # (no cause: local_files_only, no cached copy)
-    log.warning("Hub request for %s@%s failed: %r", repo, revision, error)
     response = getattr(error, "response", None)
     status = getattr(response, "status_code", None)
     detail = " ".join(str(getattr(error, "server_message", None) or error).split())[:200]
@@ -93,6 +92,7 @@ def explain(error: BaseException, repo: str, revision: str = "main", endpoint: s
     elif kind is None:  # no answer, an answer that is not the Hub's JSON, a full disk, or a transport error
         kind = ("not_a_hub" if isinstance(error, (ValueError, KeyError, TypeError))
                 else "cache" if isinstance(error, OSError) else "unreachable")
+    log.log(logging.INFO if kind == "offline" else logging.WARNING, "Hub: %s@%s: %r", repo, revision, error)
     return hub_error(kind, repo, revision, status=status, endpoint=endpoint, detail=detail)
 
 
