@@ -140,6 +140,7 @@ class ModelBundle:
             "source": self.source, "notice": self.notice, "folder": str(self.folder) if self.folder else None,
             "K": self.vqvae.cfg.num_codes, "D": self.vqvae.cfg.code_dim, "grid_size": grid, "grid": f"{grid}x{grid}",
             "vqvae_fingerprint": self.vqvae.fingerprint(),
+            # the K x D codebook is an EMA-updated buffer, not a Parameter, but it is learned all the same
             "vqvae_params": sum(p.numel() for p in self.vqvae.parameters()) + self.vqvae.quantizer.codebook.numel(),
             "prior_params": sum(p.numel() for p in self.prior.parameters()) if self.prior is not None else None,
             "has_prior": self.prior is not None,
@@ -159,10 +160,8 @@ def load_bundle(folder: str | Path, source: str | None = None) -> ModelBundle:
 
 def load_from_hub(repo_id: str, revision: str = "main", cache_dir: str | Path | None = None,
                   local_files_only: bool = False) -> ModelBundle:
-    """snapshot_download and load a Hub bundle: from the Hub, else (offline, Hub unreachable) a complete cached copy.
-
-    A damaged download is a CheckpointError naming the file; every other failure a HubError from MESSAGES.
-    """
+    """snapshot_download and load a Hub bundle (offline or with the Hub unreachable: a complete cached copy). A damaged
+    download is a CheckpointError naming the file; every other failure a HubError from MESSAGES."""
     repo_id, revision = validate_repo_id(repo_id), validate_revision(revision)
     try:
         snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["vqvae/*", "pixelcnn/*"],
