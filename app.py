@@ -35,7 +35,7 @@ class Settings:
     revision: str = "main"
     checkpoints: Path = ROOT / "checkpoints"       # fallback weights when the Hub is unreachable
     allow_dirs: list[Path] = field(default_factory=list)
-    offline: bool = False                          # skip the Hub at startup
+    offline: bool = False                          # at startup, use the Hub's download cache only
     host: str | None = None                        # None: $GRADIO_SERVER_NAME, else 127.0.0.1
     port: int | None = None                        # None: $GRADIO_SERVER_PORT, else 7860
 
@@ -49,10 +49,9 @@ class Settings:
 
 def startup_models(settings: Settings) -> demo.ModelHolder:
     """The Hub model, else the bundled one (with a notice); with neither, an empty holder saying why."""
-    if settings.offline:
-        os.environ["BRAINVQ_OFFLINE"] = "1"
     try:
-        return demo.ModelHolder(hub.load_default(settings.repo_id(), settings.revision, Path(settings.checkpoints)))
+        return demo.ModelHolder(hub.load_default(settings.repo_id(), settings.revision, Path(settings.checkpoints),
+                                                 offline=settings.offline))
     except Exception as error:  # noqa: BLE001 - the app still starts, and the Models tab can load one
         return demo.ModelHolder(None, f"No models could be loaded ({error}). Load a checkpoint in the Models tab.")
 
@@ -247,7 +246,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--allow-dir", type=Path, action="append", default=[],
                         help="extra folder the Models tab may load local checkpoints from (repeatable; "
                              "checkpoints/ and ./runs are always allowed)")
-    parser.add_argument("--offline", action="store_true", help="do not contact the Hub at startup")
+    parser.add_argument("--offline", action="store_true",
+                        help="do not contact the Hub at startup: use its download cache, else --checkpoints")
     parser.add_argument("--host", default=None, help="address to listen on (default $GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default $GRADIO_SERVER_PORT or 7860)")
     args = parser.parse_args(argv)

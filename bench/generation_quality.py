@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gallery", default=str(ROOT / "docs/samples.png"))
     p.add_argument("--json")
     args = p.parse_args(argv)
-    vqvae = VQVAE.load(args.vqvae)
-    prior = GatedPixelCNN.load(args.pixelcnn, vqvae=vqvae)
+    vqvae = VQVAE.from_pretrained(args.vqvae)
+    prior = GatedPixelCNN.from_pretrained(args.pixelcnn, vqvae=vqvae)
     settings = default_settings(prior)
     for key in ("temperature", "top_k", "top_p"):
         if getattr(args, key) is not None:

@@ -62,7 +62,7 @@ class Server:
                    "--checkpoints", str(checkpoints)]
         if data_dir:
             command += ["--data-dir", str(data_dir)]
-        env = {**os.environ, "BRAINVQ_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
                "GRADIO_TEMP_DIR": str(self.workdir / "gradio"), "PYTHONUNBUFFERED": "1"}
         self.log = open(self.log_path, "wb")
         self.started = time.perf_counter()

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
     args = p.parse_args(argv)
-    vqvae = VQVAE.load(args.vqvae)
+    vqvae = VQVAE.from_pretrained(args.vqvae)
     train = data.load_split(args.data_dir, "train", args.seed)  # the band the samples must hit: see generation_quality
     area_range = brain_area_range(brain_region_table(data.iter_batches(train.images, 256)))
     result: dict = {"batch_size": 16, "samples": args.samples}
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.data_dir:
             argv_variant += ["--data-dir", args.data_dir]
         record = train_pixelcnn.main(argv_variant)
-        prior = GatedPixelCNN.load(out / "best", vqvae=vqvae)
+        prior = GatedPixelCNN.from_pretrained(out / "best", vqvae=vqvae)
         regions = brain_region_table([vqvae.decode(sample_codes(prior, n=args.samples, seed=args.seed))])
         result["steps"] = record["steps"]  # what ran: --steps is capped at one epoch (288 steps of 16 grids)
         result[name] = {"val_bits_per_code": record["val_bits"], "val_accuracy": record["val_acc"],

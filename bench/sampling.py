@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    vqvae = VQVAE.load(args.vqvae)
-    prior = GatedPixelCNN.load(args.pixelcnn, vqvae=vqvae)
+    vqvae = VQVAE.from_pretrained(args.vqvae)
+    prior = GatedPixelCNN.from_pretrained(args.pixelcnn, vqvae=vqvae)
     kwargs = dict(n=1, temperature=args.temperature, seed=args.seed)
     sample_codes(prior, method="fast", **kwargs)  # warm-up
     fast, fast_s = timed(lambda: sample_codes(prior, method="fast", **kwargs))

@@ -107,10 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     test = data.load_split(args.data_dir, "test", args.seed)
     if args.what == "vqvae":
-        result = evaluate_vqvae(VQVAE.load(args.checkpoint), test)
+        result = evaluate_vqvae(VQVAE.from_pretrained(args.checkpoint), test)
     else:
-        vqvae = VQVAE.load(args.vqvae)
-        prior = GatedPixelCNN.load(args.pixelcnn, vqvae=vqvae)
+        vqvae = VQVAE.from_pretrained(args.vqvae)
+        prior = GatedPixelCNN.from_pretrained(args.pixelcnn, vqvae=vqvae)
         train = data.load_split(args.data_dir, "train", args.seed)
         grid = vqvae.grid_size()
         result = evaluate_prior(prior, encode_array(vqvae, test.images), encode_array(vqvae, train.images),

@@ -20,7 +20,7 @@ Causality: vertical features at row i depend on codes in rows < i only; horizont
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +114,10 @@ class GatedLayer(nn.Module):
         return v + v_new, h + h_new
 
 
-class GatedPixelCNN(nn.Module):
+class GatedPixelCNN(nn.Module, checkpoint.HubModel):
     """Autoregressive prior p(code_ij | codes above and to the left), raster order."""
 
-    kind, label = "pixelcnn", "PixelCNN prior"
+    kind, label, config_class = "pixelcnn", "PixelCNN prior", PixelCNNConfig
 
     def __init__(self, cfg: PixelCNNConfig | None = None):
         super().__init__()
@@ -155,15 +155,18 @@ class GatedPixelCNN(nn.Module):
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, folder: str | os.PathLike, vqvae_fingerprint: str, **meta: Any) -> Path:
-        config = {"kind": self.kind, "arch": asdict(self.cfg), "vqvae_fingerprint": vqvae_fingerprint, **meta}
-        return checkpoint.save_model(folder, self, config)
+        """save_pretrained, recording the fingerprint of the VQ-VAE whose codes this prior models."""
+        return super().save(folder, vqvae_fingerprint=vqvae_fingerprint, **meta)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, vqvae: Any | None = None, map_location: str = "cpu") -> "GatedPixelCNN":
-        """Load a prior; with ``vqvae`` given, refuse it unless it was trained on that VQ-VAE's codes."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, vqvae: Any | None = None,
+                        **kwargs: Any) -> "GatedPixelCNN":
+        """HubModel.from_pretrained; with ``vqvae`` given, refuse a prior not trained on that VQ-VAE's codes."""
+        prior = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if vqvae is not None:
-            check_pairing(checkpoint.read_config(folder), vqvae, folder)
-        return checkpoint.build_model(cls, PixelCNNConfig, folder).to(map_location).eval()
+            check_pairing(prior.meta, vqvae, pretrained_model_name_or_path)
+        return prior
+
 
 def check_pairing(prior_config: dict[str, Any], vqvae: Any, folder: str | os.PathLike) -> None:
     """A prior is only meaningful over the codes of the VQ-VAE it was trained on."""

@@ -230,7 +230,6 @@ def served(tmp_path_factory):
     save_tiny_bundle(root / "outside", seed=2)
     data_dir = make_folder_tree(root / "data", per_class=2, test_count=6)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BRAINVQ_OFFLINE", "1")
         mp.setenv("BRAINVQ_CACHE", str(root / "cache"))
         mp.setenv("GRADIO_TEMP_DIR", str(root / "gradio"))
         mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
@@ -346,15 +345,13 @@ def test_app_models_tab(served):
     assert status.startswith("**Load failed:**") and "previous models are still in use" in status and info == other
 
     mp = served["mp"]
-    mp.delenv("BRAINVQ_OFFLINE")
-    mp.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    mp.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there; --offline is startup only
     try:
         status, info, _ = client.predict("someone/brainvq", "main", api_name="/load_hub")
         assert status.startswith("**Load failed:**") and "cannot reach the Hugging Face Hub" in status and info == other
         status, info, _ = client.predict("not a repo id", "main", api_name="/load_hub")
         assert "not a valid Hugging Face repository id" in status and info == other
     finally:
-        mp.setenv("BRAINVQ_OFFLINE", "1")
         mp.delenv("HF_ENDPOINT")
     status, info, _ = client.predict(str(checkpoints), api_name="/load_local")  # back to the start for the others
     assert status.startswith("**Loaded**") and "codes (K) | 16" in info

@@ -161,7 +161,7 @@ def test_save_then_load_round_trips(tmp_path):
     vqvae = tiny_vqvae(0)  # 256 / 32 = an 8x8 grid, like TINY
     model = tiny_prior().float()
     model.save(tmp_path / "prior", vqvae.fingerprint(), metrics={"val_bits_per_code": 1.0})
-    loaded = GatedPixelCNN.load(tmp_path / "prior", vqvae=vqvae)
+    loaded = GatedPixelCNN.from_pretrained(tmp_path / "prior", vqvae=vqvae)
     codes = torch.randint(0, 7, (2, 8, 8))
     assert torch.equal(model(codes), loaded(codes))
     assert loaded.meta["metrics"]["val_bits_per_code"] == 1.0
@@ -172,10 +172,10 @@ def test_a_prior_is_refused_with_another_vqvae(tmp_path):
     vqvae, other = tiny_vqvae(0), tiny_vqvae(1)
     tiny_prior().float().save(tmp_path / "prior", vqvae.fingerprint())
     with pytest.raises(CheckpointError, match="trained on VQ-VAE"):
-        GatedPixelCNN.load(tmp_path / "prior", vqvae=other)
+        GatedPixelCNN.from_pretrained(tmp_path / "prior", vqvae=other)
     bigger = VQVAE(VQVAEConfig(num_codes=9, code_dim=4, widths=(4, 4, 4, 4, 4), res_width=4, num_res_blocks=1))
     with pytest.raises(CheckpointError, match="K=7 codes"):
-        GatedPixelCNN.load(tmp_path / "prior", vqvae=bigger)
+        GatedPixelCNN.from_pretrained(tmp_path / "prior", vqvae=bigger)
 
 
 def test_wrong_grid_is_refused():

@@ -244,7 +244,7 @@ def test_save_load_round_trip(tmp_path):
     model = trained_tiny(steps=3)
     folder = model.save(tmp_path / "ckpt", note="hello")
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
-    loaded = VQVAE.load(folder)
+    loaded = VQVAE.from_pretrained(folder)
     assert not loaded.training
     assert loaded.fingerprint() == model.fingerprint()
     assert loaded.meta["fingerprint"] == model.fingerprint()
@@ -274,7 +274,7 @@ def saved(tmp_path) -> Path:
 
 def _load_error(folder: Path) -> str:
     with pytest.raises(CheckpointError) as info:
-        VQVAE.load(folder)
+        VQVAE.from_pretrained(folder)
     return str(info.value)
 
 
@@ -459,7 +459,7 @@ def test_train_script_end_to_end_and_deterministic_resume(tmp_path, folder_tree,
         assert (run / name).exists(), name
     assert (run / "best" / "config.json").is_file() and (run / "last" / "training_state.safetensors").is_file()
     assert cache_dir.is_dir() and any(cache_dir.iterdir()), "BRAINVQ_CACHE was not used"
-    best = VQVAE.load(run / "best")
+    best = VQVAE.from_pretrained(run / "best")
     assert best.cfg.num_codes == 16 and best.cfg.widths == (8, 8)
     assert best.meta["train"]["epochs"] == 2 and "val_ssim" in best.meta["metrics"]
     assert len(json.loads((run / "history.json").read_text())) == 2

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     seed_everything(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    vqvae = VQVAE.load(args.vqvae, map_location=str(runtime.device))
+    vqvae = VQVAE.from_pretrained(args.vqvae, map_location=str(runtime.device))
     codes_dir = Path(args.codes_dir) if args.codes_dir else out
     train_codes = cached_codes(vqvae, args, "train", codes_dir, runtime.is_main)
     val_codes = cached_codes(vqvae, args, "val", codes_dir, runtime.is_main)

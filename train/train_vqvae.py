@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
 @torch.no_grad()
 def results_figure(out: Path, args: argparse.Namespace) -> None:
     """original | code grid | reconstruction for 6 random test slices, from the best model."""
-    model = VQVAE.load(out / "best")
+    model = VQVAE.from_pretrained(out / "best")
     test = data.load_split(args.data_dir, "test", args.seed, skip_bad=args.skip_bad)
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:6].sort().values
     images = next(data.iter_batches(test.images[pick.numpy()], 6))
