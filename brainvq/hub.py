@@ -448,9 +448,9 @@ def load_default(repo_id: str | None = None, revision: str = "main", fallback: P
             return load_from_hub(repo, rev)
         except (HubError, CheckpointError) as error:
             reason = " ".join(str(error).split())
-            notice = (f"Could not load {repo}@{rev} from the Hugging Face Hub ({reason}); "
-                      f"using the bundled {what} weights instead.")
-            log.warning(notice)
+            notice = (f"Could not load {repo}@{rev} from the Hugging Face Hub, so the demo uses the bundled {what} "
+                      "weights. Start it with `python app.py --offline` to skip the Hub.")
+            log.warning("%s Reason: %s", notice, reason)
     try:
         bundle = load_bundle(fallback, source=f"local folder: {_display(fallback.resolve())}")
     except CheckpointError as error:
@@ -549,6 +549,8 @@ tags:
 
 # BrainVQ: VQ-VAE + PixelCNN prior for brain MRI slices
 
+BrainVQ is for research and teaching, not for diagnosis or any clinical use.
+
 - `vqvae/`: a VQ-VAE with an EMA codebook of K={k} codes of dimension D={d}; a 256x256 slice becomes a {grid}
   grid of code indices (fingerprint `{vq_config.get('fingerprint', '?')}`).
 {prior_line}
@@ -578,8 +580,8 @@ codes = bundle.vqvae.encode(images)        # (B,1,256,256) in [0,1] -> (B,{grid.
 recon = bundle.vqvae.decode(codes)
 ```
 
-The BrainVQ Gradio demo loads this repository by default (set `BRAINVQ_HUB_REPO` to choose another, or
-`BRAINVQ_OFFLINE=1` to use the bundled `checkpoints/` folder).
+The BrainVQ Gradio demo loads this repository by default (set `BRAINVQ_HUB_REPO` to choose another, or start
+it with `python app.py --offline` to use the bundled `checkpoints/` folder).
 
 ## Limitations
 
