@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.variants.split(","):
         out = Path(args.out) / name
         argv_variant = ["--vqvae", args.vqvae, "--out", str(out), "--codes-dir", str(codes_dir), "--epochs", "1",
-                        "--max-steps", str(args.steps), "--seed", str(args.seed), "--split-seed", str(args.split_seed), *ARCH,
-                        *VARIANTS[name]]
+                        "--max-steps", str(args.steps), "--seed", str(args.seed), "--split-seed", str(args.split_seed),
+                        *ARCH, *VARIANTS[name]]
         if args.data_dir:
             argv_variant += ["--data-dir", args.data_dir]
         record = train_pixelcnn.main(argv_variant)

@@ -524,8 +524,8 @@ def check_bundle(folder: str | os.PathLike) -> None:
     if problem is None and not (folder / "vqvae").is_dir():
         single = folder / "config.json"
         kind = _config_kind(single) if single.is_file() else None
-        problem = (f"`{_shown(folder)}` holds a single {kind or 'model'} checkpoint, not a bundle" if single.is_file()
-                   else f"`{_shown(folder)}` has no `vqvae/` folder")
+        problem = (f"`{_shown(folder)}` holds a single {kind or 'model'} checkpoint, not a bundle"
+                   if single.is_file() else f"`{_shown(folder)}` has no `vqvae/` folder")
         problem += (": a bundle folder holds `vqvae/` and `pixelcnn/`, as `checkpoints/` does and as "
                     "train/train_pixelcnn.py writes `OUT/best`")
     if problem:

@@ -408,7 +408,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: torch.
             for name, value in {**values, "n": 1.0}.items():
                 sums[name] = sums.get(name, 0.0) + value * len(batch)
             if index % 10 == 0:
-                bar.set_postfix({name: f"{value:.4f}" for name, value in values.items()} | (postfix() if postfix else {}))
+                shown = {name: f"{value:.4f}" for name, value in values.items()}
+                bar.set_postfix(shown | (postfix() if postfix else {}))
         sums = reduce_sums(sums, runtime.device)
         record = {"epoch": epoch + 1, **{f"train_{name}": sums[name] / sums["n"] for name in values},
                   **validate(), **(after_epoch() if after_epoch is not None else {}),

@@ -327,8 +327,10 @@ def test_app_browse_and_reconstruct(served, tmp_path):
     assert read(recon).shape == (256, 256) and 0 < ssim_of(metrics) <= 1
     assert "transparency" in notes and "centre-padded 176x208" in notes
 
+    *_, metrics, notes = client.predict("test_002", api_name="/reconstruct_sample")  # the caption the gallery shows
+    assert 0 < ssim_of(metrics) <= 1 and "test_002" in notes
     *images, metrics, notes = client.predict("../../etc/passwd", api_name="/reconstruct_sample")
-    assert images == [None, None, None] and metrics == "" and "No slice named" in notes
+    assert images == [None, None, None] and metrics == "" and "No slice has the caption or file name" in notes
 
 
 def test_app_refuses_bad_uploads(served, tmp_path):

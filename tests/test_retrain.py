@@ -90,7 +90,8 @@ def test_the_readme_smoke_run_loads_in_the_models_tab(tmp_path):
 
 
 def _prior_script():
-    spec = importlib.util.spec_from_file_location("train_pixelcnn_under_test", REPO_ROOT / "train" / "train_pixelcnn.py")
+    spec = importlib.util.spec_from_file_location("train_pixelcnn_under_test",
+                                                  REPO_ROOT / "train" / "train_pixelcnn.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

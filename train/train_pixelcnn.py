@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     meta = {"vqvae": {"path": str(args.vqvae), "fingerprint": vqvae.fingerprint()},
             "data": data_meta(args, train_set, val_set),
-            "train": {k: v for k, v in vars(args).items() if k not in ("data_dir", "out", "codes_dir", "resume", "vqvae")}}
+            "train": {k: v for k, v in vars(args).items()
+                      if k not in ("data_dir", "out", "codes_dir", "resume", "vqvae")}}
     # Same sampler with or without torchrun: global batch s holds the same grids at any world size.
     loader = data.make_loader(train_codes, args.batch_size, shuffle=True, seed=args.seed,
                               distributed=runtime.distributed, drop_last=True)
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save_best(folder: Path, record: dict) -> None:
         """A bundle: the VQ-VAE the codes come from, beside the prior."""
-        vqvae.save(folder / "vqvae", **{k: v for k, v in vqvae.meta.items() if k not in ("kind", "arch", "fingerprint")})
+        vqvae.save(folder / "vqvae", **{k: v for k, v in vqvae.meta.items()
+                                        if k not in ("kind", "arch", "fingerprint")})
         model.save(folder / "pixelcnn", vqvae.fingerprint(), **meta, metrics={
             "val_bits_per_code": record["val_bits"], "val_accuracy": record["val_acc"],
             "unigram_bits_per_code": unigram, "epoch": record["epoch"]})
