@@ -47,7 +47,8 @@ def test_the_readme_smoke_run_loads_in_the_models_tab(tmp_path):
     commands = readme_smoke_commands()
     assert [c[:2] for c in commands] == [["python", "train/train_vqvae.py"], ["python", "train/train_pixelcnn.py"],
                                          ["python", "app.py"]]
-    loaded = re.search(r"load (\S+)", (REPO_ROOT / "README.md").read_text().split("**Smoke run**")[1]).group(1)
+    smoke_text = (REPO_ROOT / "README.md").read_text().split("**Smoke run**")[1]
+    loaded = re.search(r"Models tab: load (\S+)", smoke_text)[1]
     env = {**os.environ, "BRAINVQ_DATA": str(make_folder_tree(tmp_path / "data", per_class=20, test_count=6)),
            "BRAINVQ_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     for command in commands[:2]:
