@@ -130,14 +130,15 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None,
                     f"{repo_id}@{revision or 'main'} from the Hub")
 
     def load_local(folder: str):
-        return load(lambda: hub.load_local(folder, roots), f"local folder {folder!r}")
+        return load(lambda: demo.load_local(folder, roots), f"local folder {folder!r}")
 
     # ------------------------------------------------------------------ layout
 
     initial, initial_keys, initial_status = browse("", None)
     with gr.Blocks(title="BrainVQ", analytics_enabled=False, delete_cache=(1800, 3600)) as app:
         gr.Markdown("# BrainVQ\nA VQ-VAE compresses a 256×256 brain MRI slice into a grid of discrete codes; "
-                    "a gated PixelCNN prior over those codes generates new slices.")
+                    "a gated PixelCNN prior over those codes generates new slices.\n\n"
+                    "*BrainVQ is for research and teaching, not for diagnosis or any clinical use.*")
         notice = _notice(holder)
         with gr.Tabs(selected="browse") as tabs:
             with gr.Tab("Browse", id="browse"):
@@ -155,7 +156,8 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None,
 
             with gr.Tab("Reconstruct", id="reconstruct"):
                 with gr.Row():
-                    slice_key = gr.Textbox(label="Slice (pick one in Browse)", scale=3)
+                    slice_key = gr.Textbox(label="Slice (pick one in Browse, or type its caption or file name)",
+                                           scale=3)
                     slice_button = gr.Button("Reconstruct slice", variant="primary", scale=0)
                     upload = gr.File(label="…or upload any image (PNG, JPEG, GIF, BMP, TIFF, WebP; ≤ 10 MB)",
                                      type="filepath", scale=2, elem_id="upload")
@@ -189,7 +191,8 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None,
                     revision = gr.Textbox(settings.revision, label="Revision (branch, tag or commit)", scale=2)
                     hub_button = gr.Button("Load from Hub", scale=1)
                 with gr.Row():
-                    folder = gr.Textbox(label="Local checkpoint folder (with vqvae/ and pixelcnn/)", scale=5,
+                    folder = gr.Textbox(label="Local checkpoint folder (with vqvae/ and pixelcnn/, e.g. the "
+                                              "runs/NAME/best of train/train_pixelcnn.py --out runs/NAME)", scale=5,
                                         placeholder=str(Path(settings.checkpoints)))
                     local_button = gr.Button("Load local folder", scale=1)
                 gr.Markdown("Local folders must lie under: " + ", ".join(f"`{_shown(r)}`" for r in roots))

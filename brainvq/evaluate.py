@@ -102,18 +102,20 @@ def main(argv: list[str] | None = None) -> dict:
     pr.add_argument("--pixelcnn", default="checkpoints/pixelcnn")
     for p in (vq, pr):
         p.add_argument("--data-dir", help="data root (default $BRAINVQ_DATA or ./keras_png_slices_data)")
-        p.add_argument("--seed", type=int, default=0, help="split seed (only matters for the train codes)")
+        p.add_argument("--split-seed", type=int, default=0, help="train/validation split seed (only matters for "
+                       "the train codes' unigram baseline)")
         p.add_argument("--json", required=True, help="where to write the figures")
     args = parser.parse_args(argv)
-    test = data.load_split(args.data_dir, "test", args.seed)
+    test = data.load_split(args.data_dir, "test")
     if args.what == "vqvae":
         result = evaluate_vqvae(VQVAE.from_pretrained(args.checkpoint), test)
     else:
         vqvae = VQVAE.from_pretrained(args.vqvae)
         prior = GatedPixelCNN.from_pretrained(args.pixelcnn, vqvae=vqvae)
-        train = data.load_split(args.data_dir, "train", args.seed)
+        train = data.load_split(args.data_dir, "train", args.split_seed)
         grid = vqvae.grid_size()
-        result = evaluate_prior(prior, encode_array(vqvae, test.images), encode_array(vqvae, train.images),
+        result = evaluate_prior(prior, encode_array(vqvae, test.images, progress="encoding test codes"),
+                                encode_array(vqvae, train.images, progress="encoding train codes"),
                                 code_area_masks(original_boxes(test), grid), code_area_masks(original_boxes(train), grid))
     return write_report(result, args.json)
 

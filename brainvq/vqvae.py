@@ -257,10 +257,18 @@ class VQVAE(nn.Module, checkpoint.HubModel):
 
 
 @torch.no_grad()
-def encode_array(model: VQVAE, images, batch_size: int = 32) -> torch.Tensor:
-    """Encode a uint8 (N,256,256) array (e.g. a memory-mapped split) to (N,h,w) long codes."""
+def encode_array(model: VQVAE, images, batch_size: int = 32, progress: str | None = None) -> torch.Tensor:
+    """Encode a uint8 (N,256,256) array (e.g. a memory-mapped split) to (N,h,w) long codes; ``progress``
+    names a tqdm bar over the slices."""
+    from tqdm import tqdm
+
     from brainvq.data import iter_batches
 
     device = next(model.parameters()).device
     model.eval()
-    return torch.cat([model.encode(batch.to(device)).cpu() for batch in iter_batches(images, batch_size)])
+    codes = []
+    with tqdm(total=len(images), desc=progress, unit="slice", disable=progress is None, leave=False) as bar:
+        for batch in iter_batches(images, batch_size):
+            codes.append(model.encode(batch.to(device)).cpu())
+            bar.update(len(batch))
+    return torch.cat(codes)

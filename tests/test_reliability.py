@@ -153,11 +153,12 @@ def check_snapshots(run: Path, load) -> dict[str, str]:
         assert link.is_symlink(), f"{name} is not a link"
         folder = link.resolve()
         assert folder.parent == run.resolve() and re.fullmatch(rf"{name}-\d{{4}}(-\d+)?", folder.name), folder
-        files = sorted(p.name for p in folder.iterdir())
+        model = folder / "pixelcnn" if name == "best" and (folder / "pixelcnn").is_dir() else folder  # a bundle
+        files = sorted(p.name for p in model.iterdir())
         assert not [f for f in files if f.endswith(".tmp") or f.startswith(".")], (name, files)
         assert {"model.safetensors", "config.json"} <= set(files), (name, files)
-        load(folder)
-        json.loads((folder / "config.json").read_text())
+        load(model)
+        json.loads((model / "config.json").read_text())
         if name == "last":
             assert {STATE_NAME, STATE_JSON} <= set(files), files
             state = json.loads((folder / STATE_JSON).read_text())

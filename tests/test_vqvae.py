@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from brainvq import checkpoint
+from brainvq import checkpoint, training
 from brainvq.checkpoint import CheckpointError
 from brainvq.metrics import ssim
 from brainvq.training import write_snapshot
@@ -477,17 +477,17 @@ def test_train_script_end_to_end_and_deterministic_resume(tmp_path, folder_tree,
 
     # 3. the same three-epoch run killed after epoch 2, then resumed
     killed = tmp_path / "run-3-killed"
-    real_write_history = train.write_history
+    real_write_history = training.write_history
 
     def write_history_then_die(run_dir, history):
         real_write_history(run_dir, history)
         if len(history) == 2:
             raise _Killed
 
-    monkeypatch.setattr(train, "write_history", write_history_then_die)
+    monkeypatch.setattr(training, "write_history", write_history_then_die)
     with pytest.raises(_Killed):
         train.main([*flags, "--out", str(killed), "--epochs", "3"])
-    monkeypatch.setattr(train, "write_history", real_write_history)
+    monkeypatch.setattr(training, "write_history", real_write_history)
     assert (killed / "last").resolve().name == "last-0002"
     train.main([*flags, "--out", str(killed), "--epochs", "3", "--resume"])
 
