@@ -224,9 +224,8 @@ def load_default(repo_id: str | None = None, revision: str = "main", fallback: P
         notice = (f"The Hugging Face Hub at {_endpoint()} is unreachable, so the bundled {what} weights are in use. "
                   "Start the app with --offline to skip the Hub.")
     else:
-        notice = (f"Could not load {repo}@{rev} from the Hugging Face Hub, so the bundled {what} weights are in use. "
-                  "Start the app with --offline to skip the Hub.")
-    log.warning("%s Reason: %s", notice, reason)
+        notice = f"Could not load {repo}@{rev} from the Hugging Face Hub ({reason}); using the bundled {what} weights."
+    log.warning(notice)
     try:
         bundle = load_bundle(fallback)
     except CheckpointError as error:
