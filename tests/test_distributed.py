@@ -170,7 +170,10 @@ def test_vqvae_two_processes_match_one_process(runs):
         if not tensor.dtype.is_floating_point:
             assert torch.equal(tensor, two[name]), name
             continue
-        rtol, atol = tolerances.get(name, (1e-4, 1e-5))
+        # All-reduce sums gradients in another order, and the float32 convolutions' order depends on the thread
+        # count; Adam divides by sqrt(v), so on near-zero gradients that reordering moves a weight by part of
+        # one lr step (seen: 1.3e-5 to 1.5e-4). A real DDP bug moves weights by whole steps (lr 1e-3) or more.
+        rtol, atol = tolerances.get(name, (1e-4, 1e-3))
         torch.testing.assert_close(two[name], tensor, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
     # The metrics are all-reduced: rank 0 reports the global numbers one process reports.
     for a, b in zip(history(runs["vq1"][0]), history(runs["vq2"][0]), strict=True):
