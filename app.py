@@ -2,7 +2,7 @@
 browsing, the shared model holder) and brainvq.hub (loading models from the Hub or a local folder).
 
     python app.py [--data-dir DIR] [--hub-repo OWNER/NAME] [--revision REV] [--checkpoints DIR]
-                  [--allow-dir DIR ...] [--offline] [--host HOST] [--port PORT]
+                  [--allow-dir DIR ...] [--offline] [--host HOST] [--port PORT] [--threads N]
 
 Images are served as arrays (written to Gradio's own cache), never as paths: no data folder is exposed.
 """
@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
+import torch
 from gradio import utils as gradio_utils
 
-from brainvq import demo, hub
+from brainvq import demo, generation, hub
 from brainvq.checkpoint import CheckpointError
 
 ROOT = Path(__file__).resolve().parent
-QUEUE_CONCURRENCY = 4        # per event; generation gets 2 (it is CPU-bound), everything else queues behind
-GENERATE_CONCURRENCY = 2
+QUEUE_CONCURRENCY = 4        # per event; Generate has no limit: every request joins the one shared sampler
 QUEUE_SIZE = 64              # waiting requests accepted: 16 users with a few clicks each
 MAX_FILE_SIZE = "10mb"
 SSIM_NOTE = " <small>(SSIM: data range 1, 11×11 Gaussian window, σ 1.5)</small>"
@@ -38,6 +38,7 @@ class Settings:
     offline: bool = False                          # at startup, use the Hub's download cache only
     host: str | None = None                        # None: $GRADIO_SERVER_NAME, else 127.0.0.1
     port: int | None = None                        # None: $GRADIO_SERVER_PORT, else 7860
+    threads: int = 1                               # torch threads per task: see parse_args
 
     def repo_id(self) -> str:
         return self.hub_repo or os.environ.get("BRAINVQ_HUB_REPO") or hub.DEFAULT_REPO_ID
@@ -72,10 +73,13 @@ def _shown(path: Path) -> str:
     return f"{path.relative_to(ROOT)}/" if path.is_relative_to(ROOT) else str(path)
 
 
-def build_app(settings: Settings, holder: demo.ModelHolder | None = None,
-              samples: demo.SampleSet | None = None) -> gr.Blocks:
+def build_app(settings: Settings, holder: demo.ModelHolder | None = None, samples: demo.SampleSet | None = None,
+              generator: generation.Generator | None = None) -> gr.Blocks:
     holder = holder or startup_models(settings)
     samples = samples or demo.load_samples(settings.data_dir)
+    generator = generator or generation.Generator()
+    if holder.bundle is not None:
+        generation.code_look(holder.bundle.vqvae)
     roots = settings.allowed_roots()
 
     # ------------------------------------------------------------------ handlers (thin: call brainvq.demo)
@@ -105,19 +109,23 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None,
         except demo.DemoError as error:
             return None, None, None, "", _problem("Cannot use this upload", error)
 
-    def generate(n, temperature, top_k, seed):
+    async def generate(n, temperature, top_k, top_p, seed, request: gr.Request):
         try:
-            for frame in demo.generate_stream(holder.require(), n, temperature, top_k, seed):
-                yield frame.grid, (frame.images or []), frame.status()
+            async for frame in generator.stream(holder.bundle, n, temperature, top_k, top_p, seed,
+                                                session=request.session_hash):
+                yield frame.view, (frame.images or []), frame.status()
         except demo.DemoError as error:
             yield None, [], _problem("Cannot generate", error)
+
+    def stop(request: gr.Request):
+        generator.stop_session(request.session_hash)  # the stream then shows where it stopped
 
     def model_info():
         return demo.describe_markdown(holder.bundle), _notice(holder)
 
     def load(loader, what: str):
         try:
-            holder.replace(loader)
+            generation.code_look(holder.replace(loader).vqvae)  # the live view's code shades, ready before use
             status = f"**Loaded** {what}. Every session now uses these models."
         except Exception as error:  # noqa: BLE001 - a failed load must never drop the models in use
             if not isinstance(error, (hub.HubError, CheckpointError, ValueError, OSError)):
@@ -170,18 +178,22 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None,
 
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
-                    n = gr.Slider(1, demo.MAX_SAMPLES, value=4, step=1, label="Number of samples")
-                    temperature = gr.Slider(0, demo.MAX_TEMPERATURE, value=1.0, step=0.05,
+                    n = gr.Slider(1, generation.MAX_SAMPLES, value=4, step=1, label="Number of samples",
+                                  elem_id="generate-n")
+                    temperature = gr.Slider(0, generation.MAX_TEMPERATURE, value=1.0, step=0.05,
                                             label="Temperature", info="0 = greedy")
                     top_k = gr.Number(0, precision=0, label="Top-k", info="0 = off; at most K", minimum=0)
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p", info="1 = off")
                     seed = gr.Number(0, precision=0, label="Seed", minimum=0)
                 with gr.Row():
                     generate_button = gr.Button("Generate", variant="primary")
                     stop_button = gr.Button("Stop", variant="stop")
                 generate_status = gr.Markdown(elem_id="generate-status")
-                grid = gr.Image(label="Code grids, filling in", format="png", elem_id="generate-grid")
-                decoded = gr.Gallery(label="Decoded samples", columns=4, format="png", elem_id="generate-images",
-                                     allow_preview=False)
+                grid = gr.Image(label="Live view: each sample's codes (left) and the codes decoded (right)",
+                                format="png", elem_id="generate-grid", show_label=True)
+                gr.Markdown(f"<small>{generation.COLOUR_NOTE}</small>")
+                decoded = gr.Gallery(label="Decoded samples", columns=4, height="fit-content", format="png",
+                                     elem_id="generate-images", allow_preview=False, object_fit="contain")
 
             with gr.Tab("Models", id="models"):
                 models_info = gr.Markdown(demo.describe_markdown(holder.bundle), elem_id="models-info")
@@ -212,9 +224,9 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None,
                          api_visibility="private")
         upload.upload(reconstruct_upload, upload, triptych, api_name="reconstruct_upload")
 
-        running = generate_button.click(generate, [n, temperature, top_k, seed], [grid, decoded, generate_status],
-                                        api_name="generate", concurrency_limit=GENERATE_CONCURRENCY)
-        stop_button.click(None, cancels=[running], api_name="stop", api_visibility="private")
+        generate_button.click(generate, [n, temperature, top_k, top_p, seed], [grid, decoded, generate_status],
+                              api_name="generate", concurrency_limit=None)
+        stop_button.click(stop, None, None, api_name="stop", api_visibility="private", queue=False)
 
         model_outputs = [models_status, models_info, notice]
         hub_button.click(load_hub, [repo, revision], model_outputs, api_name="load_hub", concurrency_limit=1)
@@ -223,11 +235,13 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None,
     return app
 
 
-def launch(settings: Settings | None = None, **launch_kwargs) -> tuple[gr.Blocks, str]:
+def launch(settings: Settings | None = None, generator: generation.Generator | None = None,
+           **launch_kwargs) -> tuple[gr.Blocks, str]:
     """Build, queue and start the app; returns it and its local URL. ``launch_kwargs`` go to Blocks.launch
-    (tests pass prevent_thread_lock=True)."""
+    (tests pass prevent_thread_lock=True, and their own ``generator`` to watch it)."""
     settings = settings or Settings()
-    app = build_app(settings)
+    torch.set_num_threads(settings.threads)
+    app = build_app(settings, generator=generator)
     app.queue(default_concurrency_limit=QUEUE_CONCURRENCY, max_size=QUEUE_SIZE)
     kwargs = dict(server_name=settings.host, server_port=settings.port, max_file_size=MAX_FILE_SIZE,
                   show_error=False, footer_links=["api"])
@@ -253,9 +267,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                         help="do not contact the Hub at startup: use its download cache, else --checkpoints")
     parser.add_argument("--host", default=None, help="address to listen on (default $GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default $GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per task (default 1: the sampler, the live view and reconstructions then "
+                             "run side by side, one core each, instead of fighting over the cores)")
     args = parser.parse_args(argv)
     return Settings(args.data_dir, args.hub_repo, args.revision, args.checkpoints, args.allow_dir, args.offline,
-                    args.host, args.port)
+                    args.host, args.port, args.threads)
 
 
 if __name__ == "__main__":

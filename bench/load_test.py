@@ -1,19 +1,21 @@
-"""Load test of the demo: 16 concurrent gradio_client users on loopback for a bounded time.
+"""Load test of the demo: U users press Generate at the same moment while others reconstruct, on loopback.
 
-    python bench/load_test.py --json bench/results/load.json             # shipped weights, 60 s
-    python bench/load_test.py --checkpoints DIR --seconds 10              # any bundle folder (vqvae/ + pixelcnn/)
+    python bench/load_test.py --json bench/results/load.json               # 16 users x 4 samples, shipped weights
+    python bench/load_test.py --users 1 --rounds 5 --reconstructors 0      # one user alone
+    python bench/load_test.py --app DIR                                    # the app.py of another checkout
 
-Starts ``python app.py --offline`` on 127.0.0.1 as a subprocess (so its memory is measured alone), waits until it
-serves, warms it up with one reconstruction and one generation, then runs ``--clients`` threads, each with its
-own gradio_client.Client, for ``--seconds``. Each user sends requests back to back: every ``--generate-every``-th
-one is a generation of n=1 (the heavy, CPU-bound request), the others reconstruct a sample slice. Every answer is
-checked (an SSIM in (0, 1] and a reconstruction image; a finished generation with one decoded image). Requests
-still running at the deadline are waited for and counted.
+Starts ``python app.py --offline`` (default settings) on 127.0.0.1 as a subprocess, so its memory is measured
+alone, waits until it serves and warms it up with one reconstruction and one generation. Then ``--rounds`` times:
+``--users`` threads, each with its own gradio_client.Client, submit /generate (``--samples`` samples, temperature
+1, top-k and top-p off, a seed of their own) at the same moment, while ``--reconstructors`` other clients send
+/reconstruct_sample requests back to back until every generation of the round has finished. Every answer is
+checked (a finished generation with its decoded images; an SSIM in (0, 1] and the images of a reconstruction).
 
-Reports per-kind latency percentiles (p50/p90/p99/max, nearest rank), requests done, errors (with examples),
-throughput, and the server's resident memory (VmRSS) idle, after warm-up, at the end and its peak (VmHWM, and the
-highest 0.25 s sample), from /proc (psutil is used when installed). Clients and server share the machine's cores.
-The figures go to ``--json`` (atomically) and, last, to stdout as one JSON line.
+Reports, over every round (nearest-rank percentiles): the time from submit to the first streamed frame (a
+partly filled grid) and to the finished samples, the reconstruction latency while generations ran, errors
+(with examples), and the server's resident memory (VmRSS) idle, after warm-up, at the end and its peak (VmHWM,
+and the highest 0.25 s sample), from /proc (psutil is used when installed). Clients and server share the
+machine's cores. The figures go to ``--json`` (atomically) and, last, to stdout as one JSON line.
 """
 from __future__ import annotations
 
@@ -53,12 +55,12 @@ def free_port() -> int:
 class Server:
     """``python app.py --offline`` on 127.0.0.1 in its own process, with a private Gradio temp folder and log."""
 
-    def __init__(self, checkpoints: Path, data_dir: str | None = None, port: int | None = None):
+    def __init__(self, checkpoints: Path, data_dir: str | None = None, port: int | None = None, app: Path = ROOT):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.workdir = Path(tempfile.mkdtemp(prefix="brainvq-bench-"))
         self.log_path = self.workdir / "server.log"
-        command = [sys.executable, str(ROOT / "app.py"), "--offline", "--host", "127.0.0.1", "--port", str(self.port),
+        command = [sys.executable, str(Path(app) / "app.py"), "--offline", "--host", "127.0.0.1", "--port", str(self.port),
                    "--checkpoints", str(checkpoints)]
         if data_dir:
             command += ["--data-dir", str(data_dir)]
@@ -66,7 +68,7 @@ class Server:
                "GRADIO_TEMP_DIR": str(self.workdir / "gradio"), "PYTHONUNBUFFERED": "1"}
         self.log = open(self.log_path, "wb")
         self.started = time.perf_counter()
-        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(command, cwd=app, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 180.0) -> float:
         """Seconds from the spawn until GET / answers 200."""
@@ -162,35 +164,35 @@ def check_reconstruction(result) -> str | None:
     return None
 
 
-def check_generation(result) -> str | None:
+def check_generation(result, samples: int = 1) -> str | None:
     if not isinstance(result, (list, tuple)) or len(result) != 3:
         return f"unexpected answer {str(result)[:200]}"
     grid, images, status = result
-    if not str(status).startswith("Done: 1 sample(s)"):
+    if not str(status).startswith(f"Done: {samples} sample(s)"):
         return f"not done: {str(status)[:200]}"
-    if grid is None or not images or len(images) != 1 or not images[0].get("image"):
-        return "the generated image is missing"
+    if grid is None or not images or len(images) != samples or not all(image.get("image") for image in images):
+        return "a generated image is missing"
     return None
 
 
 def percentiles(values: list[float]) -> dict[str, float | int | None]:
-    """Nearest-rank p50/p90/p99, max and mean, in seconds (None when there is nothing to summarise)."""
+    """Nearest-rank p50/p95/p99, max and mean, in seconds (None when there is nothing to summarise)."""
     if not values:
-        return {"n": 0, "p50": None, "p90": None, "p99": None, "max": None, "mean": None}
+        return {"n": 0, "p50": None, "p95": None, "p99": None, "max": None, "mean": None}
     ordered = sorted(values)
 
     def rank(p: float) -> float:
         return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
-    return {"n": len(ordered), "p50": round(rank(50), 3), "p90": round(rank(90), 3), "p99": round(rank(99), 3),
+    return {"n": len(ordered), "p50": round(rank(50), 3), "p95": round(rank(95), 3), "p99": round(rank(99), 3),
             "max": round(ordered[-1], 3), "mean": round(sum(ordered) / len(ordered), 3)}
 
 
 class Recorder:
     def __init__(self):
         self.lock = threading.Lock()
-        self.latencies: dict[str, list[float]] = {"reconstruct": [], "generate": []}
-        self.errors: dict[str, int] = {"reconstruct": 0, "generate": 0}
+        self.latencies: dict[str, list[float]] = {"first_frame": [], "generate": [], "reconstruct": []}
+        self.errors: dict[str, int] = {"generate": 0, "reconstruct": 0}
         self.examples: list[str] = []
 
     def add(self, kind: str, seconds: float, problem: str | None) -> None:
@@ -203,26 +205,56 @@ class Recorder:
                     self.examples.append(f"{kind}: {problem}")
 
 
-def call(client, kind: str, key: str, seed: int, timeout: float):
-    if kind == "generate":
-        return client.submit(1, 1.0, 0, seed, api_name="/generate").result(timeout=timeout)
-    return client.submit(key, api_name="/reconstruct_sample").result(timeout=timeout)
+def generate_arguments(client, samples: int, seed: int) -> tuple:
+    """/generate's inputs: (n, temperature, top-k, top-p, seed), or without top-p for an app that has none."""
+    inputs = len(client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"])
+    return (samples, 1.0, 0, 1.0, seed) if inputs == 5 else (samples, 1.0, 0, seed)
 
 
-def user(index: int, client, keys: list[str], deadline: float, every: int, timeout: float, recorder: Recorder,
-         start: threading.Barrier) -> None:
+def generate(client, arguments: tuple, timeout: float) -> tuple[float | None, float, str | None]:
+    """(seconds to the first streamed frame, seconds to the end, problem or None)."""
+    began = time.perf_counter()
+    job = client.submit(*arguments, api_name="/generate")
+    first, deadline = None, began + timeout
+    while first is None and not job.done() and time.perf_counter() < deadline:
+        outputs = job.outputs()
+        if outputs:
+            first = time.perf_counter() - began
+            if "Sampling codes" not in str(outputs[0][2]):
+                return first, first, f"the first output is not a partial grid: {str(outputs[0][2])[:200]}"
+        time.sleep(0.005)
+    try:
+        result = job.result(timeout=max(1.0, deadline - time.perf_counter()))
+    except Exception as error:  # noqa: BLE001 - every failure is counted, with its message
+        return first, time.perf_counter() - began, f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+    total = time.perf_counter() - began
+    if first is None:
+        return None, total, "no partly filled grid was streamed before the end"
+    return first, total, check_generation(result, arguments[0])
+
+
+def generator_user(client, arguments: tuple, timeout: float, recorder: Recorder, start: threading.Barrier) -> None:
+    start.wait()
+    first, total, problem = generate(client, arguments, timeout)
+    recorder.add("generate", total, problem)
+    if problem is None:
+        recorder.add("first_frame", first, None)
+
+
+def reconstructor(client, keys: list[str], index: int, busy: threading.Event, timeout: float,
+                  recorder: Recorder, start: threading.Barrier) -> None:
     start.wait()
     step = 0
-    while time.perf_counter() < deadline:
-        kind = "generate" if every and (index + step) % every == every - 1 else "reconstruct"
-        key = keys[(index * 7 + step) % len(keys)]
+    while busy.is_set():
         began = time.perf_counter()
         try:
-            result = call(client, kind, key, seed=index * 100_000 + step, timeout=timeout)
-            problem = (check_generation if kind == "generate" else check_reconstruction)(result)
-        except Exception as error:  # noqa: BLE001 - every failure is counted, with its message
+            result = client.submit(keys[(index * 7 + step) % len(keys)], api_name="/reconstruct_sample").result(
+                timeout=timeout)
+            problem = check_reconstruction(result)
+        except Exception as error:  # noqa: BLE001
             problem = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
-        recorder.add(kind, time.perf_counter() - began, problem)
+        if busy.is_set():  # only requests answered while generations ran
+            recorder.add("reconstruct", time.perf_counter() - began, problem)
         step += 1
 
 
@@ -234,95 +266,94 @@ def monitor(server: Server, stop: threading.Event, samples: list[float]) -> None
 
 # ----------------------------------------------------------------------------- main
 
+GOALS = {"first_frame_p95_s": 2.0, "generate_p95_s": 20.0, "errors": 0, "reconstruct_p95_s": 1.5}
+
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints",
                    help="bundle folder with vqvae/ and pixelcnn/ (default: the shipped checkpoints/)")
+    p.add_argument("--app", type=Path, default=ROOT, help="the checkout whose app.py is served (default: this one)")
     p.add_argument("--data-dir", default=None, help="data root for the Browse tab (default: the bundled samples)")
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--seconds", type=float, default=60.0, help="how long new requests are sent")
-    p.add_argument("--generate-every", type=int, default=4, help="every N-th request of a user generates (0: never)")
-    p.add_argument("--request-timeout", type=float, default=300.0)
+    p.add_argument("--users", type=int, default=16, help="users pressing Generate at the same moment")
+    p.add_argument("--samples", type=int, default=4, help="samples each user asks for")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--reconstructors", type=int, default=2, help="clients reconstructing meanwhile")
+    p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--json", help="where to write the figures")
     args = p.parse_args(argv)
-    if args.generate_every and not (args.checkpoints / "pixelcnn").is_dir():
-        p.error(f"{args.checkpoints / 'pixelcnn'} does not exist: generation needs a prior (or --generate-every 0)")
+    if not (args.checkpoints / "pixelcnn").is_dir():
+        p.error(f"{args.checkpoints / 'pixelcnn'} does not exist: generation needs a prior")
 
     from gradio_client import Client
 
     keys = sample_keys(args.data_dir)
-    server = Server(args.checkpoints, args.data_dir, args.port)
+    server = Server(args.checkpoints, args.data_dir, args.port, app=args.app)
+    recorder, rss_samples, stop = Recorder(), [], threading.Event()
     try:
         startup_s = server.wait_ready()
         idle = server.memory_mb()["rss"]
         print(f"server up in {startup_s:.1f} s at {server.url} ({idle:.0f} MiB); {len(keys)} sample slices",
               file=sys.stderr)
         warm_client = Client(server.url, verbose=False, download_files=False)
-        began = time.perf_counter()
-        warm_problems = [check_reconstruction(call(warm_client, "reconstruct", keys[0], 0, args.request_timeout))]
-        if args.generate_every:
-            warm_problems.append(check_generation(call(warm_client, "generate", keys[0], 0, args.request_timeout)))
-        warmup_s = time.perf_counter() - began
+        warm_problems = [check_reconstruction(warm_client.predict(keys[0], api_name="/reconstruct_sample")),
+                         generate(warm_client, generate_arguments(warm_client, args.samples, 0),
+                                  args.request_timeout)[2]]
         if any(warm_problems):
             raise RuntimeError(f"the warm-up answers are wrong: {warm_problems}\n{server.log_tail()}")
         warm = server.memory_mb()["rss"]
-
-        clients: list = [None] * args.clients
-
-        def connect(i: int) -> None:
-            clients[i] = Client(server.url, verbose=False, download_files=False)
-
-        threads = [threading.Thread(target=connect, args=(i,)) for i in range(args.clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        print(f"{args.clients} clients connected; running for {args.seconds:g} s", file=sys.stderr)
-
-        recorder, rss_samples, stop = Recorder(), [], threading.Event()
+        clients = [Client(server.url, verbose=False, download_files=False)
+                   for _ in range(args.users + args.reconstructors)]
         watcher = threading.Thread(target=monitor, args=(server, stop, rss_samples), daemon=True)
         watcher.start()
-        start = threading.Barrier(args.clients + 1)
-        users = []
         began = time.perf_counter()
-        deadline = began + args.seconds
-        for i, client in enumerate(clients):
-            users.append(threading.Thread(target=user, args=(i, client, keys, deadline, args.generate_every,
-                                                             args.request_timeout, recorder, start), daemon=True))
-            users[-1].start()
-        start.wait()
-        for thread in users:
-            thread.join(timeout=args.seconds + args.request_timeout + 60)
+        for round_ in range(args.rounds):
+            start, busy = threading.Barrier(args.users + args.reconstructors + 1), threading.Event()
+            busy.set()
+            users = [threading.Thread(target=generator_user, daemon=True, args=(
+                client, generate_arguments(client, args.samples, 1000 * round_ + i + 1), args.request_timeout,
+                recorder, start)) for i, client in enumerate(clients[:args.users])]
+            others = [threading.Thread(target=reconstructor, daemon=True, args=(
+                client, keys, i, busy, args.request_timeout, recorder, start))
+                for i, client in enumerate(clients[args.users:])]
+            for thread in users + others:
+                thread.start()
+            start.wait()
+            for thread in users:
+                thread.join(args.request_timeout + 60)
+            busy.clear()
+            for thread in others:
+                thread.join(args.request_timeout + 60)
+            done = len(recorder.latencies["generate"])
+            print(f"round {round_ + 1}: {done} generations done so far, {sum(recorder.errors.values())} errors",
+                  file=sys.stderr)
         duration = time.perf_counter() - began
         stop.set()
         watcher.join()
         alive = server.proc.poll() is None
         memory = server.memory_mb() if alive else {"rss": float("nan"), "hwm": float("nan")}
         disk = server.disk_mb()
-        still_running = sum(thread.is_alive() for thread in users)
     finally:
+        stop.set()
         server.stop()
 
-    done = {kind: len(values) for kind, values in recorder.latencies.items()}
     errors = sum(recorder.errors.values())
-    total = sum(done.values()) + errors
+    latency = {kind: percentiles(values) for kind, values in recorder.latencies.items()}
     result = {
-        "clients": args.clients, "seconds": args.seconds, "duration_s": round(duration, 1),
-        "generate_every": args.generate_every, "checkpoints": str(args.checkpoints), "cpu_cores": os.cpu_count(),
-        "startup_s": round(startup_s, 2), "warmup_s": round(warmup_s, 2),
-        "requests": {"total": total, **{kind: done[kind] + recorder.errors[kind] for kind in done}},
-        "answered_correctly": done, "errors": errors, "error_examples": recorder.examples,
-        "users_still_waiting": still_running, "server_alive_after": alive,
-        "throughput_rps": round(sum(done.values()) / duration, 2) if duration else None,
-        "latency_s": {kind: percentiles(values) for kind, values in recorder.latencies.items()},
+        "users": args.users, "samples_per_user": args.samples, "rounds": args.rounds,
+        "reconstructors": args.reconstructors, "checkpoints": str(args.checkpoints), "app": str(args.app),
+        "cpu_cores": os.cpu_count(), "startup_s": round(startup_s, 2), "duration_s": round(duration, 1),
+        "latency_s": latency, "errors": errors, "errors_by_kind": recorder.errors,
+        "error_examples": recorder.examples, "server_alive_after": alive,
         "server_rss_mb": {"idle": round(idle, 1), "after_warmup": round(warm, 1), "after": round(memory["rss"], 1),
-                          "peak_sampled": round(max(rss_samples, default=warm), 1), "peak_vmhwm": round(memory["hwm"], 1),
-                          "growth_during_load": round(memory["rss"] - warm, 1)},
-        "server_temp_files_mb": round(disk, 1),
+                          "peak_sampled": round(max(rss_samples, default=warm), 1),
+                          "peak_vmhwm": round(memory["hwm"], 1)},
+        "server_temp_files_mb": round(disk, 1), "goals": GOALS,
     }
-    result["all_correct"] = bool(total and errors == 0 and alive and still_running == 0)
+    measured = {"first_frame_p95_s": latency["first_frame"]["p95"], "generate_p95_s": latency["generate"]["p95"],
+                "errors": errors, "reconstruct_p95_s": latency["reconstruct"]["p95"]}
+    result["meets"] = {name: measured[name] is not None and measured[name] <= goal for name, goal in GOALS.items()}
     return write_report(result, args.json)
 
 

@@ -1,4 +1,4 @@
-"""The demo's logic, independent of any UI: uploads, reconstruction, streamed generation, browsing, models.
+"""The demo's logic, independent of any UI: uploads, reconstruction, browsing, models (generation: brainvq.generation).
 
 ``app.py`` only wires these functions to Gradio components. Everything here takes and returns plain numpy
 arrays, strings and dataclasses, and raises ``DemoError`` subclasses (all ``ValueError``) whose messages are
@@ -7,13 +7,12 @@ written for the person using the demo.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +21,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from brainvq import data
 from brainvq.metrics import psnr as _psnr
 from brainvq.metrics import ssim as _ssim
-from brainvq.sampling import sample
 from brainvq.visualize import colorize_codes, to_uint8
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +29,6 @@ SAMPLES_DIR = REPO_ROOT / "assets" / "samples"
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_PIXELS = 40_000_000
 SMALL_SIDE = 16            # smaller images are still processed, with a note that the result means little
-MAX_SAMPLES = 8
-MAX_TEMPERATURE = 2.0
-MAX_SEED = 2**63 - 1
 GALLERY_LIMIT = 48         # slices shown at once in the Browse gallery
 SUPPORTED = "PNG, JPEG, GIF, BMP, TIFF or WebP"
 
@@ -180,106 +175,6 @@ def reconstruct(bundle, slice_uint8: np.ndarray) -> Reconstruction:
     peak = float(_psnr(recon, x)[0])
     grid = colorize_codes(codes[0], vqvae.cfg.num_codes, size=data.IMAGE_SIZE)
     return Reconstruction(original, codes[0].cpu().numpy(), grid, to_uint8(recon[0]), score, peak)
-
-
-# ----------------------------------------------------------------------------- generation
-
-
-@dataclass
-class GenerationFrame:
-    """One streamed step: the mosaic of the n partly filled code grids; ``images`` only on the last frame."""
-
-    grid: np.ndarray                      # uint8 RGB mosaic
-    filled: int                           # positions filled per sample
-    total: int
-    seed: int
-    images: list[np.ndarray] | None = None  # decoded uint8 (256,256) brains, final frame only
-
-    @property
-    def done(self) -> bool:
-        return self.images is not None
-
-    def status(self) -> str:
-        if self.done:
-            return f"Done: {len(self.images)} sample(s), seed {self.seed}."
-        return f"Sampling codes… {self.filled}/{self.total} positions ({100 * self.filled // self.total}%)"
-
-
-def _as_int(value, name: str) -> int:
-    if value is None or isinstance(value, bool):
-        raise GenerationError(f"{name} must be a whole number.")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise GenerationError(f"{name} must be a whole number, not {value!r}.") from None
-    if not math.isfinite(number) or number != int(number):
-        raise GenerationError(f"{name} must be a whole number, not {value!r}.")
-    return int(number)
-
-
-def check_generation(n, temperature, top_k, seed, num_codes: int) -> tuple[int, float, int | None, int]:
-    """Validate generation settings; returns (n, temperature, top_k or None when off, seed)."""
-    n = _as_int(n, "The number of samples")
-    if not 1 <= n <= MAX_SAMPLES:
-        raise GenerationError(f"The number of samples must be between 1 and {MAX_SAMPLES}, not {n}.")
-    try:
-        temperature = float(temperature)
-    except (TypeError, ValueError):
-        raise GenerationError(f"Temperature must be a number between 0 and {MAX_TEMPERATURE}.") from None
-    if not 0.0 <= temperature <= MAX_TEMPERATURE:  # also catches NaN
-        raise GenerationError(f"Temperature must be between 0 and {MAX_TEMPERATURE:g} (0 = greedy), "
-                              f"not {temperature:g}.")
-    top_k = _as_int(top_k, "Top-k")
-    if not 0 <= top_k <= num_codes:
-        raise GenerationError(f"Top-k must be between 0 (off) and K = {num_codes}, not {top_k}.")
-    seed = _as_int(seed, "The seed")
-    if not 0 <= seed <= MAX_SEED:
-        raise GenerationError(f"The seed must be between 0 and {MAX_SEED}, not {seed}.")
-    return n, temperature, (top_k or None), seed
-
-
-def mosaic(grids: Sequence[np.ndarray], columns: int = 4, gap: int = 4) -> np.ndarray:
-    """Tile equally sized RGB images into rows of ``columns`` with a white gap."""
-    h, w, _ = grids[0].shape
-    cols = min(columns, len(grids))
-    rows = math.ceil(len(grids) / cols)
-    out = np.full((rows * h + (rows - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, dtype=np.uint8)
-    for index, grid in enumerate(grids):
-        r, c = divmod(index, cols)
-        out[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = grid
-    return out
-
-
-def _grid_mosaic(codes: torch.Tensor, num_codes: int) -> np.ndarray:
-    codes = codes.cpu().numpy()
-    return mosaic([colorize_codes(c, num_codes, size=data.IMAGE_SIZE, filled=c >= 0) for c in codes])
-
-
-def generate_stream(bundle, n: int = 4, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
-                    every: int | None = None) -> Iterator[GenerationFrame]:
-    """Sample ``n`` code grids with the fast sampler, yielding the mosaic as it fills in, then decode.
-
-    ``every`` positions between frames (default: one frame per grid row); ``top_k`` 0 means off. The last
-    frame carries the decoded images. Settings are validated before any work starts.
-    """
-    bundle = require_bundle(bundle)
-    if bundle.prior is None:
-        raise GenerationError("The loaded models have no PixelCNN prior, so they cannot generate. Load a bundle "
-                              "with a pixelcnn/ folder in the Models tab; Reconstruct still works.")
-    num_codes = bundle.vqvae.cfg.num_codes
-    n, temperature, top_k, seed = check_generation(n, temperature, top_k, seed, num_codes)
-    size = bundle.prior.cfg.grid_size
-    if every is not None and (not isinstance(every, int) or every < 1):
-        raise GenerationError(f"every must be a positive number of positions, not {every!r}.")
-    progress = None
-    for progress in sample(bundle.prior, n, temperature, top_k, seed, method="fast", every=every or size):
-        if not progress.done:
-            yield GenerationFrame(_grid_mosaic(progress.codes, num_codes), progress.filled, progress.total, seed)
-    codes = progress.codes.to(next(bundle.vqvae.parameters()).device)
-    with torch.no_grad():
-        decoded = bundle.vqvae.decode(codes)
-    yield GenerationFrame(_grid_mosaic(progress.codes, num_codes), progress.filled, progress.total, seed,
-                          images=[to_uint8(image) for image in decoded])
 
 
 # ----------------------------------------------------------------------------- browsing

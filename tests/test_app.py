@@ -10,6 +10,7 @@ import re
 import shutil
 import socket
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from brainvq import demo, hub
+from brainvq import demo, generation, hub
 from brainvq.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.vqvae import VQVAE, VQVAEConfig
 from helpers import brain_slice, make_folder_tree
@@ -212,27 +213,13 @@ def test_samples_browse_and_filter(oasis_tree, folder_tree, tmp_path):
     assert broken.layout == "bundled" and "could not be used" in broken.notice
 
 
-def test_reconstruct_generate_and_validation(tmp_path):
+def test_reconstruct(tmp_path):
     bundle = hub.load_bundle(save_tiny_bundle(tmp_path / "b", seed=0))
     result = demo.reconstruct(bundle, brain_slice(256, 256, 2))
     assert result.codes.shape == (64, 64) and result.code_grid.shape == (256, 256, 3)
     assert result.recon.shape == (256, 256) and result.original.shape == (256, 256)
     assert 0 < result.ssim <= 1 and result.psnr > 0
-    frames = list(demo.generate_stream(bundle, n=3, temperature=1.0, top_k=4, seed=5, every=32))
-    assert len(frames) == 128 and all(not f.done for f in frames[:-1]) and frames[-1].done
-    assert frames[0].grid.shape == (256, 3 * 256 + 2 * 4, 3) and frames[-1].filled == 4096
-    assert len(frames[-1].images) == 3 and frames[-1].images[0].shape == (256, 256)
-    again = list(demo.generate_stream(bundle, n=3, temperature=1.0, top_k=4, seed=5))
-    assert np.array_equal(again[-1].grid, frames[-1].grid)  # same seed, same samples
-    for kwargs, phrase in [({"n": 0}, "between 1 and 8"), ({"n": 9}, "between 1 and 8"), ({"n": 1.5}, "whole"),
-                           ({"temperature": 2.5}, "between 0 and 2"), ({"temperature": float("nan")}, "between 0"),
-                           ({"top_k": 17}, "K = 16"), ({"top_k": -1}, "Top-k"), ({"seed": -3}, "seed"),
-                           ({"seed": None}, "whole")]:
-        with pytest.raises(demo.GenerationError, match=phrase):
-            next(demo.generate_stream(bundle, **{"n": 1, "temperature": 1.0, "top_k": 0, "seed": 0, **kwargs}))
     no_prior = hub.load_bundle(save_tiny_bundle(tmp_path / "vq-only", seed=0, prior=False))
-    with pytest.raises(demo.GenerationError, match="no PixelCNN prior"):
-        next(demo.generate_stream(no_prior, 1, 1.0, 0, 0))
     with pytest.raises(demo.NoModelError):
         demo.reconstruct(None, result.original)
     assert "no PixelCNN prior" in demo.describe_markdown(no_prior)
@@ -291,11 +278,12 @@ def served(tmp_path_factory):
         mp.setenv("HF_HUB_CACHE", str(root / "hf-cache"))
         settings = app.Settings(data_dir=str(data_dir), checkpoints=checkpoints, offline=True, host="127.0.0.1",
                                 port=free_port())
-        blocks, url = app.launch(settings, prevent_thread_lock=True, quiet=True)
+        generator = generation.Generator()
+        blocks, url = app.launch(settings, generator=generator, prevent_thread_lock=True, quiet=True)
         try:
             client = Client(url, verbose=False, download_files=str(root / "downloads"))
             yield {"url": url, "client": client, "root": root, "checkpoints": checkpoints, "data": data_dir,
-                   "mp": mp}
+                   "mp": mp, "generator": generator}
         finally:
             blocks.close()
 
@@ -363,24 +351,46 @@ def test_app_upload_cannot_name_server_files(served):
     assert "event: complete" in ok and "SSIM" in ok
 
 
-def test_app_generate_streams_grids_then_images(served):
+def test_app_generate_streams_the_live_view_then_images(served):
     client = served["client"]
-    job = client.submit(2, 1.0, 0, 11, api_name="/generate")
+    job = client.submit(2, 1.0, 0, 1.0, 11, api_name="/generate")
     job.result(timeout=120)
     outputs = job.outputs()
     statuses = [out[2] for out in outputs]
     intermediate = [out for out in outputs if "Sampling codes" in out[2]]
-    assert len(intermediate) >= 5, statuses
-    grids = {read(out[0]).tobytes() for out in intermediate}
-    assert len(grids) >= 5  # the grid really fills in
+    assert len(intermediate) >= 3, statuses
+    assert len({read(out[0]).tobytes() for out in intermediate}) == len(intermediate)  # the view fills in
     assert all(out[1] in (None, []) for out in intermediate)
-    grid, images, status = outputs[-1]
+    view, images, status = outputs[-1]
     assert status.startswith("Done: 2 sample(s)") and len(images) == 2
-    assert read(images[0]["image"]).shape[:2] == (256, 256) and read(grid).shape == (256, 2 * 256 + 4, 3)
+    assert read(images[0]["image"]).shape[:2] == (256, 256)
+    assert read(view).shape == (256, 2 * (256 + 2 + 256) + 8, 3)  # two pairs: codes | decoded
     with pytest.raises(AppError, match="greater than maximum value 2"):  # the slider's own bound check
-        client.predict(1, 2.5, 0, 0, api_name="/generate")
-    grid, images, status = client.predict(1, 1.0, 99, 0, api_name="/generate")
-    assert grid is None and not images and "Top-k must be between 0 (off) and K = 16" in status
+        client.predict(1, 2.5, 0, 1.0, 0, api_name="/generate")
+    view, images, status = client.predict(1, 1.0, 99, 1.0, 0, api_name="/generate")
+    assert view is None and not images and "Top-k must be between 0 (off) and K = 16" in status
+
+
+def test_app_drops_a_client_that_disconnects(served):
+    """A client that goes away mid-run is dropped from the shared sampler like a Stop: its positions stop."""
+    url, generator = served["url"].rstrip("/"), served["generator"]
+    with httpx.Client(timeout=30) as http:
+        event = http.post(f"{url}/gradio_api/call/generate", json={"data": [16, 1.0, 0, 1.0, 5]}).json()["event_id"]
+        with http.stream("GET", f"{url}/gradio_api/call/generate/{event}") as stream:
+            frames = 0
+            for line in stream.iter_lines():
+                frames += line.startswith("event: generating")
+                if frames == 2:
+                    break
+    job = next(job for job in generator.jobs if job.request.seed == 5)
+    for _ in range(100):
+        if job.request.cancelled and job not in generator.jobs:
+            break
+        time.sleep(0.05)
+    assert job.request.cancelled and not job.request.done and job not in generator.jobs
+    filled = job.request.filled
+    time.sleep(0.5)
+    assert job.request.filled == filled < 4096
 
 
 def test_app_models_tab(served):
@@ -437,7 +447,7 @@ def test_app_serves_16_users_at_once(served):
     users = [Client(served["url"], verbose=False, download_files=False) for _ in range(16)]  # no image downloads
     jobs = [user.submit(f"test/test_{i % 6:03d}.png", api_name="/reconstruct_sample")
             for i, user in enumerate(users[:12])]
-    jobs += [user.submit(1, 1.0, 0, i, api_name="/generate") for i, user in enumerate(users[12:])]
+    jobs += [user.submit(1, 1.0, 0, 1.0, i, api_name="/generate") for i, user in enumerate(users[12:])]
     results = [job.result(timeout=120) for job in jobs]
     assert all(0 < ssim_of(result[3]) <= 1 for result in results[:12])
     assert all(result[2].startswith("Done: 1 sample(s)") for result in results[12:])

@@ -44,8 +44,10 @@ def page(tmp_path_factory):
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
     import app
+    from brainvq.generation import Generator
 
     root = tmp_path_factory.mktemp("browser")
+    generator = Generator()
     checkpoints = save_tiny_bundle(root / "checkpoints", seed=0)
     data_dir = make_folder_tree(root / "data", per_class=2, test_count=6)
     ARTIFACTS.mkdir(exist_ok=True)
@@ -55,7 +57,7 @@ def page(tmp_path_factory):
             mp.setenv(name, value)
         settings = app.Settings(data_dir=str(data_dir), checkpoints=checkpoints, offline=True, host="127.0.0.1",
                                 port=free_port())
-        blocks, url = app.launch(settings, prevent_thread_lock=True, quiet=True)
+        blocks, url = app.launch(settings, generator=generator, prevent_thread_lock=True, quiet=True)
         try:
             with sync_api.sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
@@ -64,7 +66,7 @@ def page(tmp_path_factory):
                     tab.set_default_timeout(TIMEOUT_MS)
                     tab.goto(url)
                     tab.get_by_role("heading", name="BrainVQ").wait_for()
-                    yield tab, root
+                    yield tab, root, generator
                 finally:
                     browser.close()
         finally:
@@ -76,7 +78,7 @@ def open_tab(page, name: str) -> None:
 
 
 def test_browse_select_opens_reconstruct(page):
-    tab, _ = page
+    tab, *_ = page
     tab.get_by_text("Offline mode").first.wait_for()  # the fallback notice is visible at the top
     gallery = tab.locator("#browse-gallery")
     gallery.locator("img").first.wait_for()
@@ -91,7 +93,7 @@ def test_browse_select_opens_reconstruct(page):
 
 
 def test_upload_shows_notes_and_errors(page):
-    tab, root = page
+    tab, root, _ = page
     open_tab(tab, "Reconstruct")
     rgb = np.stack([brain_slice(300, 240, 4)] * 3, -1)
     good = root / "upload.png"
@@ -108,7 +110,7 @@ def test_upload_shows_notes_and_errors(page):
 
 
 def test_generate_streams_then_decodes(page):
-    tab, _ = page
+    tab, *_ = page
     open_tab(tab, "Generate")
     tab.locator("#generate-grid").wait_for()
     tab.evaluate(WATCH_GRID)
@@ -122,7 +124,7 @@ def test_generate_streams_then_decodes(page):
 
 
 def test_models_tab(page):
-    tab, _ = page
+    tab, *_ = page
     open_tab(tab, "Models")
     info = tab.locator("#models-info")
     info.get_by_text("codes (K)").wait_for()
@@ -134,12 +136,44 @@ def test_models_tab(page):
     tab.screenshot(path=str(ARTIFACTS / "models.png"), full_page=True)
 
 
-def test_stop_cancels_generation(page):
-    tab, _ = page
+def test_stop_says_where_it_stopped_and_the_server_stops_sampling(page):
+    tab, _, generator = page
     open_tab(tab, "Generate")
     tab.get_by_label("Seed").fill("99")
     tab.get_by_role("button", name="Generate", exact=True).click()
-    tab.locator("#generate-status").get_by_text("Sampling codes").wait_for()
+    status = tab.locator("#generate-status")
+    status.get_by_text("Sampling codes").wait_for()
+    job = next(job for job in generator.jobs if job.request.seed == 99)
     tab.get_by_role("button", name="Stop").click()
-    tab.wait_for_timeout(3000)  # a full run takes longer than this; a cancelled one never reports "Done ... seed 99"
-    assert "seed 99" not in tab.locator("#generate-status").inner_text()
+    status.get_by_text("Stopped at").wait_for()
+    request = job.request
+    assert request.cancelled and not request.done and request.filled < 4096
+    assert f"Stopped at {request.filled:,} of 4,096 positions" in status.inner_text()
+    positions = generator.positions
+    tab.wait_for_timeout(1500)                       # nothing else runs: the server has stopped sampling
+    assert generator.positions == positions and generator.jobs == [] and request.filled == job.request.filled
+    assert "Stopped at" in status.inner_text()       # and the page still says so, with the partial view
+    assert tab.locator("#generate-grid img").count() == 1
+    tab.screenshot(path=str(ARTIFACTS / "generate-stopped.png"), full_page=True)
+
+
+def test_sixteen_samples_are_shown_without_inner_scrolling(page):
+    tab, *_ = page
+    open_tab(tab, "Generate")
+    tab.get_by_label("Seed").fill("5")
+    slider = tab.locator("#generate-n input[type=number]")
+    slider.fill("16")
+    slider.press("Enter")
+    tab.get_by_role("button", name="Generate", exact=True).click()
+    tab.locator("#generate-status").get_by_text("Done: 16 sample(s)").wait_for()
+    images = tab.locator("#generate-images img")
+    images.nth(15).wait_for()
+    assert images.count() == 16
+    scrolled = tab.evaluate("""() => [...document.querySelectorAll('#generate-images *, #generate-grid *')]
+        .filter(e => e.scrollHeight > e.clientHeight + 2 && ['auto', 'scroll'].includes(getComputedStyle(e).overflowY))
+        .map(e => e.className)""")
+    assert scrolled == [], scrolled
+    for index in (0, 15):
+        box = images.nth(index).bounding_box()
+        assert box["width"] > 100 and box["height"] > 100
+    tab.screenshot(path=str(ARTIFACTS / "generate-16.png"), full_page=True)

@@ -575,5 +575,5 @@ def test_app_keeps_its_models_when_a_checkpoint_fails_to_load(served):
     assert not (root / "PICKLE-WAS-LOADED").exists(), "a pickle offered as weights was unpickled"
     *_, metrics, notes = client.predict("test/test_001.png", api_name="/reconstruct_sample")
     assert ssim_of(metrics) == ssim_before, notes  # the very same models still answer
-    grid, images, status = client.predict(1, 1.0, 0, 3, api_name="/generate")
+    grid, images, status = client.predict(1, 1.0, 0, 1.0, 3, api_name="/generate")
     assert status.startswith("Done: 1 sample(s)") and len(images) == 1
