@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"reconstruction: median {statistics.median(recon):.3f} s of {len(recon)}", file=sys.stderr)
             firsts, totals = [], []
             for i in range(args.generations):
-                first, total, problem = generate(client, generate_arguments(client, 1, i), args.timeout)
+                first, _, total, problem = generate(client, generate_arguments(client, 1, i), args.timeout)
                 first = total if first is None else first  # nothing streamed before the end: the problem says so
                 firsts.append(first)
                 totals.append(total)

@@ -7,12 +7,13 @@
 Starts ``python app.py --offline`` (default settings) on 127.0.0.1 as a subprocess, so its memory is measured
 alone, waits until it serves and warms it up with one reconstruction and one generation. Then ``--rounds`` times:
 ``--users`` threads, each with its own gradio_client.Client, submit /generate (``--samples`` samples, temperature
-1, top-k and top-p off, a seed of their own) at the same moment, while ``--reconstructors`` other clients send
-/reconstruct_sample requests back to back until every generation of the round has finished. Every answer is
+1, top-k and top-p off, a seed of their own) at the same moment, while ``--reconstructors`` other clients each
+send a /reconstruct_sample request every ``--reconstruct-every`` seconds (or as soon as the previous one is
+answered, if later) until every generation of the round has finished. Every answer is
 checked (a finished generation with its decoded images; an SSIM in (0, 1] and the images of a reconstruction).
 
 Reports, over every round (nearest-rank percentiles): the time from submit to the first streamed frame (a
-partly filled grid) and to the finished samples, the reconstruction latency while generations ran, errors
+partly filled grid, possibly still empty), to the first frame with sampled codes and to the finished samples, the reconstruction latency while generations ran, errors
 (with examples), and the server's resident memory (VmRSS) idle, after warm-up, at the end and its peak (VmHWM,
 and the highest 0.25 s sample), from /proc (psutil is used when installed). Clients and server share the
 machine's cores. The figures go to ``--json`` (atomically) and, last, to stdout as one JSON line.
@@ -41,6 +42,7 @@ from brainvq.io import write_report  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SSIM = re.compile(r"SSIM (-?[0-9.]+)")
+POSITIONS = re.compile(r"Sampling codes\S* [1-9][0-9,]*( of|/)")  # a frame with codes sampled (this app, the old)
 
 
 # ----------------------------------------------------------------------------- the server process
@@ -101,6 +103,14 @@ class Server:
         except Exception:  # noqa: BLE001 - not installed, or the process is gone
             pass
         return {"rss": rss, "hwm": peak}
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server has used (user + system, all threads), from /proc."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return float("nan")
 
     def disk_mb(self) -> float:
         """What the server has written to its Gradio temp folder (uploads, served images)."""
@@ -191,7 +201,8 @@ def percentiles(values: list[float]) -> dict[str, float | int | None]:
 class Recorder:
     def __init__(self):
         self.lock = threading.Lock()
-        self.latencies: dict[str, list[float]] = {"first_frame": [], "generate": [], "reconstruct": []}
+        self.latencies: dict[str, list[float]] = {"first_frame": [], "first_codes": [], "generate": [],
+                                                  "reconstruct": []}
         self.errors: dict[str, int] = {"generate": 0, "reconstruct": 0}
         self.examples: list[str] = []
 
@@ -211,41 +222,46 @@ def generate_arguments(client, samples: int, seed: int) -> tuple:
     return (samples, 1.0, 0, 1.0, seed) if inputs == 5 else (samples, 1.0, 0, seed)
 
 
-def generate(client, arguments: tuple, timeout: float) -> tuple[float | None, float, str | None]:
-    """(seconds to the first streamed frame, seconds to the end, problem or None)."""
+def generate(client, arguments: tuple, timeout: float) -> tuple[float | None, float | None, float, str | None]:
+    """Seconds to the first streamed frame, to the first frame with sampled codes, to the end; problem or None."""
     began = time.perf_counter()
     job = client.submit(*arguments, api_name="/generate")
-    first, deadline = None, began + timeout
-    while first is None and not job.done() and time.perf_counter() < deadline:
+    first = first_codes = None
+    deadline = began + timeout
+    while first_codes is None and not job.done() and time.perf_counter() < deadline:
         outputs = job.outputs()
-        if outputs:
+        if outputs and first is None:
             first = time.perf_counter() - began
             if "Sampling codes" not in str(outputs[0][2]):
-                return first, first, f"the first output is not a partial grid: {str(outputs[0][2])[:200]}"
-        time.sleep(0.005)
+                return first, None, first, f"the first output is not a partial grid: {str(outputs[0][2])[:200]}"
+        if any(POSITIONS.search(str(output[2])) for output in outputs):
+            first_codes = time.perf_counter() - began
+        time.sleep(0.02)
     try:
         result = job.result(timeout=max(1.0, deadline - time.perf_counter()))
     except Exception as error:  # noqa: BLE001 - every failure is counted, with its message
-        return first, time.perf_counter() - began, f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+        return first, first_codes, time.perf_counter() - began, f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
     total = time.perf_counter() - began
     if first is None:
-        return None, total, "no partly filled grid was streamed before the end"
-    return first, total, check_generation(result, arguments[0])
+        return None, None, total, "no partly filled grid was streamed before the end"
+    return first, first_codes, total, check_generation(result, arguments[0])
 
 
 def generator_user(client, arguments: tuple, timeout: float, recorder: Recorder, start: threading.Barrier) -> None:
     start.wait()
-    first, total, problem = generate(client, arguments, timeout)
+    first, first_codes, total, problem = generate(client, arguments, timeout)
     recorder.add("generate", total, problem)
     if problem is None:
         recorder.add("first_frame", first, None)
+        if first_codes is not None:  # None: the run ended before such a frame was seen
+            recorder.add("first_codes", first_codes, None)
 
 
-def reconstructor(client, keys: list[str], index: int, busy: threading.Event, timeout: float,
+def reconstructor(client, keys: list[str], index: int, every: float, done: threading.Event, timeout: float,
                   recorder: Recorder, start: threading.Barrier) -> None:
     start.wait()
     step = 0
-    while busy.is_set():
+    while not done.is_set():
         began = time.perf_counter()
         try:
             result = client.submit(keys[(index * 7 + step) % len(keys)], api_name="/reconstruct_sample").result(
@@ -253,9 +269,10 @@ def reconstructor(client, keys: list[str], index: int, busy: threading.Event, ti
             problem = check_reconstruction(result)
         except Exception as error:  # noqa: BLE001
             problem = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
-        if busy.is_set():  # only requests answered while generations ran
+        if not done.is_set():  # only requests answered while generations ran
             recorder.add("reconstruct", time.perf_counter() - began, problem)
         step += 1
+        done.wait(max(0.0, began + every - time.perf_counter()))
 
 
 def monitor(server: Server, stop: threading.Event, samples: list[float]) -> None:
@@ -279,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=4, help="samples each user asks for")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reconstructors", type=int, default=2, help="clients reconstructing meanwhile")
+    p.add_argument("--reconstruct-every", type=float, default=1.0,
+                   help="seconds from one reconstruction of a client to its next (0: back to back)")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--json", help="where to write the figures")
@@ -299,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         warm_client = Client(server.url, verbose=False, download_files=False)
         warm_problems = [check_reconstruction(warm_client.predict(keys[0], api_name="/reconstruct_sample")),
                          generate(warm_client, generate_arguments(warm_client, args.samples, 0),
-                                  args.request_timeout)[2]]
+                                  args.request_timeout)[3]]
         if any(warm_problems):
             raise RuntimeError(f"the warm-up answers are wrong: {warm_problems}\n{server.log_tail()}")
         warm = server.memory_mb()["rss"]
@@ -307,28 +326,29 @@ def main(argv: list[str] | None = None) -> dict:
                    for _ in range(args.users + args.reconstructors)]
         watcher = threading.Thread(target=monitor, args=(server, stop, rss_samples), daemon=True)
         watcher.start()
-        began = time.perf_counter()
+        load_before = [round(x, 2) for x in os.getloadavg()]  # the machine's other work (1, 5, 15 min)
+        began, server_cpu, client_cpu = time.perf_counter(), server.cpu_s(), sum(os.times()[:2])
         for round_ in range(args.rounds):
-            start, busy = threading.Barrier(args.users + args.reconstructors + 1), threading.Event()
-            busy.set()
+            start, done = threading.Barrier(args.users + args.reconstructors + 1), threading.Event()
             users = [threading.Thread(target=generator_user, daemon=True, args=(
                 client, generate_arguments(client, args.samples, 1000 * round_ + i + 1), args.request_timeout,
                 recorder, start)) for i, client in enumerate(clients[:args.users])]
             others = [threading.Thread(target=reconstructor, daemon=True, args=(
-                client, keys, i, busy, args.request_timeout, recorder, start))
+                client, keys, i, args.reconstruct_every, done, args.request_timeout, recorder, start))
                 for i, client in enumerate(clients[args.users:])]
             for thread in users + others:
                 thread.start()
             start.wait()
             for thread in users:
                 thread.join(args.request_timeout + 60)
-            busy.clear()
+            done.set()
             for thread in others:
                 thread.join(args.request_timeout + 60)
             done = len(recorder.latencies["generate"])
             print(f"round {round_ + 1}: {done} generations done so far, {sum(recorder.errors.values())} errors",
                   file=sys.stderr)
         duration = time.perf_counter() - began
+        server_cpu, client_cpu = server.cpu_s() - server_cpu, sum(os.times()[:2]) - client_cpu
         stop.set()
         watcher.join()
         alive = server.proc.poll() is None
@@ -342,8 +362,10 @@ def main(argv: list[str] | None = None) -> dict:
     latency = {kind: percentiles(values) for kind, values in recorder.latencies.items()}
     result = {
         "users": args.users, "samples_per_user": args.samples, "rounds": args.rounds,
-        "reconstructors": args.reconstructors, "checkpoints": str(args.checkpoints), "app": str(args.app),
+        "reconstructors": args.reconstructors, "reconstruct_every_s": args.reconstruct_every, "checkpoints": str(args.checkpoints), "app": str(args.app),
         "cpu_cores": os.cpu_count(), "startup_s": round(startup_s, 2), "duration_s": round(duration, 1),
+        "cpu_s": {"server": round(server_cpu, 1), "clients": round(client_cpu, 1)},
+        "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "latency_s": latency, "errors": errors, "errors_by_kind": recorder.errors,
         "error_examples": recorder.examples, "server_alive_after": alive,
         "server_rss_mb": {"idle": round(idle, 1), "after_warmup": round(warm, 1), "after": round(memory["rss"], 1),

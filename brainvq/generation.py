@@ -32,8 +32,8 @@ MAX_SAMPLES = 16
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**63 - 1
 MAX_GRIDS = 256            # grids sampled at once; more requests wait for a row start with room
-FRAME_SECONDS = 0.5        # a user's frames are at least this far apart ...
-FRAME_SECONDS_PER_USER = 0.25  # ... and this much more per user generating, so drawing stays under one core
+FRAME_SECONDS = 0.5        # a user's frames are at least this far apart, and further with many users:
+RENDER_SHARE = 0.3         # drawing frames may keep one core busy this share of the time (decoding is costly)
 TILES = (256, 128)         # pixels per grid in the live view: up to 4 samples, more (the final images: full size)
 UNSAMPLED = (40, 60, 140)  # colour of code positions not sampled yet
 COLOUR_NOTE = ("Each code is drawn in the mean brightness of the 4×4-pixel patch it decodes to; blue: not sampled "
@@ -168,7 +168,8 @@ class LiveDecoder:
             top, bottom = max(0, first - reach), min(self.size, last + reach + 1)        # pixel rows to redraw
             start, stop = max(0, top - reach), min(self.size, bottom + reach)             # code rows to decode
             codes = progress.codes[:, start:stop].to(self.device)
-            decoded = self.vqvae.decode(codes.masked_fill(codes < 0, self.look.neutral))
+            quantized = self.vqvae.quantizer.lookup(codes.masked_fill(codes < 0, self.look.neutral))
+            decoded = self.vqvae.decoder(quantized.contiguous(memory_format=torch.channels_last))  # faster convs
             self.images[:, :, top * scale:bottom * scale] = decoded[:, :, (top - start) * scale:(bottom - start) * scale]
             self.filled = progress.filled
         return self.images
@@ -231,6 +232,7 @@ class Job:
 
     def __init__(self, request: Request, sampler: BatchSampler, bundle, session: str | None):
         self.request, self.sampler, self.bundle, self.session = request, sampler, bundle, session
+        self.frames = 0                           # frames posted
         self.next_frame = 0.0                     # monotonic time from which the loop sends a new frame
         self.decoder: LiveDecoder | None = None   # made by the render thread
         self.error: str | None = None             # why the loop could not finish it
@@ -242,6 +244,7 @@ class Job:
     def post(self, progress: SampleProgress, finished: bool = False) -> None:
         """From the loop's thread: the newest grids (replacing any not taken yet); ``finished``: the last."""
         self._latest = (self._latest[0] + 1, progress, finished)  # one assignment: read whole or not at all
+        self.frames += 1
         try:
             self._loop.call_soon_threadsafe(self._ready.set)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
@@ -261,11 +264,13 @@ class Job:
 
 class Generator:
     """The shared sampling loop: one thread steps one ``BatchSampler`` per prior and posts each request's grids
-    at most every ``frame_seconds`` (plus ``per_user_seconds`` per request running), and once it ends."""
+    at most every ``frame_seconds``, less often when drawing every request's frames would keep the render
+    thread busy more than ``render_share`` of the time, and once more when it ends."""
 
-    def __init__(self, frame_seconds: float = FRAME_SECONDS, per_user_seconds: float = FRAME_SECONDS_PER_USER,
+    def __init__(self, frame_seconds: float = FRAME_SECONDS, render_share: float = RENDER_SHARE,
                  max_grids: int = MAX_GRIDS):
-        self.frame_seconds, self.per_user_seconds, self.max_grids = frame_seconds, per_user_seconds, max_grids
+        self.frame_seconds, self.render_share, self.max_grids = frame_seconds, render_share, max_grids
+        self.render_seconds = 0.0                 # time to draw a frame, a running average
         self.jobs: list[Job] = []
         self.positions = 0                        # positions sampled by this loop, for anyone watching it
         self._samplers: dict[int, BatchSampler] = {}
@@ -323,14 +328,17 @@ class Generator:
                     with self._lock:
                         self._samplers = {k: v for k, v in self._samplers.items() if v is not sampler}
             now = time.monotonic()
-            interval = self.frame_seconds + self.per_user_seconds * len(jobs)
+            interval = max(self.frame_seconds, len(jobs) * self.render_seconds / self.render_share)
             ended = []
             for job in jobs:
                 request = job.request
                 if request.done or request.cancelled:
                     job.post(request.progress() if job.error else job.sampler.progress(request), finished=True)
                     ended.append(job)
-                elif request.filled >= request.size and now >= job.next_frame:  # from the first full row on
+                elif job.frames == 0 and request.started:  # at once, as it starts: nothing to decode yet
+                    job.post(request.progress())
+                elif (job.frames == 1 and request.filled >= request.size  # its first row, as soon as done
+                      or job.frames > 1 and now >= job.next_frame):
                     job.post(job.sampler.progress(request))
                     job.next_frame = now + interval
             if ended:
@@ -358,8 +366,8 @@ class Generator:
         finally:
             job.stop()
 
-    @staticmethod
-    def _draw(job: Job, progress: SampleProgress, finished: bool) -> GenerationFrame:
+    def _draw(self, job: Job, progress: SampleProgress, finished: bool) -> GenerationFrame:
+        began = time.perf_counter()
         vqvae = job.bundle.vqvae
         look = code_look(vqvae)
         if job.decoder is None:
@@ -371,4 +379,5 @@ class Generator:
             frame.images = [to_uint8(image) for image in images]
         elif finished:
             frame.stopped = True
+        self.render_seconds = 0.8 * self.render_seconds + 0.2 * (time.perf_counter() - began)
         return frame

@@ -152,6 +152,7 @@ class Request:
         self.codes = _check_known(known, n, size, num_codes)
         self.free = self.codes < 0                # the positions to sample
         self.filled = 0                           # positions of the raster order done
+        self.started = False                      # admitted to the batch
         self.cancelled = False
         self.state: dict = {}                     # the engine's caches for this request
 
@@ -239,6 +240,7 @@ class BatchSampler:
             for request in waiting:
                 if not self._joining and (request.n <= room or not self.active):
                     self.active.append(request)
+                    request.started = True
                     room -= request.n
                 else:  # no overtaking: a big request is not starved by small ones
                     self._joining.append(request)
