@@ -135,7 +135,8 @@ def spawn():
 
 def mid_epoch(script: Script, epoch: int, epochs: int, before_step: int) -> int:
     """Wait until tqdm shows ``epoch`` between step 1 and ``before_step``, then SIGKILL; returns that step."""
-    match = script.wait_for(rf"epoch {epoch}/{epochs}:\s+\d+%\|[^|]*\|\s*([1-9]\d*)/\d+", "err")
+    # generous: epoch 1, its validation, snapshots and curves all come first (slow on a loaded 2-core machine)
+    match = script.wait_for(rf"epoch {epoch}/{epochs}:\s+\d+%\|[^|]*\|\s*([1-9]\d*)/\d+", "err", timeout=180)
     script.kill()
     step = int(match.group(1))
     assert step < before_step, f"the kill came too late to be mid-epoch (step {step}):\n{script.tail()}"

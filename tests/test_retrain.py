@@ -79,7 +79,7 @@ def test_the_readme_smoke_run_loads_in_the_models_tab(tmp_path):
             status, info, _ = client.predict(str(run), api_name="/load_local")
             assert status.startswith("**Loaded**"), status
             assert "val bits per code" in info and "val ssim" in info  # both halves, with their metrics
-            _, images, done = client.predict(1, 1.0, 0, 0, api_name="/generate")
+            _, images, done = client.predict(1, 1.0, 0, 1.0, 0, api_name="/generate")
             assert len(images) == 1 and done.startswith("Done"), done
             *_, metrics, notes = client.predict("test_000.png", api_name="/reconstruct_sample")
             assert "SSIM" in metrics, notes
