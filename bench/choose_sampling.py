@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import generation_quality  # noqa: E402
 
-from brainvq.checkpoint import CONFIG_NAME  # noqa: E402
+from brainvq.checkpoint import CONFIG_NAME, read_config  # noqa: E402
 from brainvq.io import atomic_write_json, write_report  # noqa: E402
 
 SELECTION_SEED = 1   # sampling seed of the selection runs; the report (generation_quality) uses seed 0
@@ -51,9 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     best = min(runs, key=lambda r: (r["c2st_accuracy_vs_val"], -r["temperature"], -r["top_p"]))
     chosen = {"temperature": best["temperature"], "top_k": None, "top_p": best["top_p"]}
     if args.write:
-        path = Path(args.pixelcnn) / CONFIG_NAME
-        config = json.loads(path.read_text())
-        atomic_write_json(path, {**config, "sampling": chosen})
+        config = read_config(args.pixelcnn)
+        atomic_write_json(Path(args.pixelcnn) / CONFIG_NAME, {**config, "sampling": chosen})
     return write_report({"selection_seed": SELECTION_SEED, "n": args.n, "reference": "val", "runs": runs,
                          "chosen": chosen, "written": bool(args.write)}, args.json)
 

@@ -81,7 +81,7 @@ class Settings:
 def default_settings(prior: GatedPixelCNN) -> dict:
     """The sampling settings chosen on validation for this prior (``"sampling"`` in its config.json), as keyword
     arguments of ``sample_codes``; temperature 1 and no truncation when the checkpoint has none."""
-    return dict(getattr(prior, "meta", {}).get("sampling", {"temperature": 1.0}))
+    return dict(prior.meta.get("sampling", {"temperature": 1.0}))
 
 
 def draw(logits: torch.Tensor, uniform: torch.Tensor, settings: Settings) -> torch.Tensor:

@@ -24,15 +24,21 @@ def tiny_prior(seed: int = 0, **overrides) -> GatedPixelCNN:
     return model.eval()
 
 
-def dependencies(model: GatedPixelCNN) -> torch.Tensor:
-    """dep[i, j, a, b]: does the logit at (i, j) depend on the input at (a, b)? (via input gradients)"""
+def embedded_pass(model: GatedPixelCNN) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random codes embedded as a leaf tensor x, then both stacks and the head: (x, vertical, horizontal, logits),
+    so that gradients measure what each output depends on."""
     size = model.cfg.grid_size
-    codes = torch.randint(0, model.cfg.num_codes, (1, size, size))
-    x = model.embed_codes(codes).detach().requires_grad_(True)
+    x = model.embed_codes(torch.randint(0, model.cfg.num_codes, (1, size, size))).detach().requires_grad_(True)
     v = h = x
     for layer in model.layers:
         v, h = layer(v, h, model.pos)
-    logits = model.head(h)
+    return x, v, h, model.head(h)
+
+
+def dependencies(model: GatedPixelCNN) -> torch.Tensor:
+    """dep[i, j, a, b]: does the logit at (i, j) depend on the input at (a, b)? (via input gradients)"""
+    size = model.cfg.grid_size
+    x, _, _, logits = embedded_pass(model)
     dep = torch.zeros(size, size, size, size, dtype=torch.bool)
     for i in range(size):
         for j in range(size):
@@ -59,10 +65,7 @@ def test_each_stack_is_causal_on_its_own():
     """Vertical features of row i see rows < i only; horizontal features of (i, j) see (i, < j) plus rows above."""
     model = tiny_prior()
     size = model.cfg.grid_size
-    x = model.embed_codes(torch.randint(0, 7, (1, size, size))).detach().requires_grad_(True)
-    v = h = x
-    for layer in model.layers:
-        v, h = layer(v, h, model.pos)
+    x, v, h, _ = embedded_pass(model)
     for i in range(size):
         grad, = torch.autograd.grad(v[0, :, i].sum(), x, retain_graph=True)
         assert grad[0, :, i:].abs().sum() == 0, f"vertical stack row {i} sees its own row or below"
@@ -199,11 +202,7 @@ def test_the_shipped_configuration_sees_the_whole_grid_above():
     model = GatedPixelCNN(PixelCNNConfig.from_dict(read_config(Path(__file__).resolve().parents[1] / "checkpoints/pixelcnn")["arch"])).double().eval()
     size = model.cfg.grid_size
     assert model.cfg.rows_seen >= size - 1
-    x = model.embed_codes(torch.randint(0, model.cfg.num_codes, (1, size, size))).detach().requires_grad_(True)
-    v = h = x
-    for layer in model.layers:
-        v, h = layer(v, h, model.pos)
-    logits = model.head(h)
+    x, _, _, logits = embedded_pass(model)
     for j in (0, size // 2, size - 1):
         grad, = torch.autograd.grad(logits[0, :, size - 1, j].sum(), x, retain_graph=True)
         seen = grad[0].abs().sum(0) > 0
