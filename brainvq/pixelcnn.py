@@ -5,9 +5,10 @@ Layout, in order:
     the horizontal stack the k//2 codes strictly to the left;
   * gated residual blocks: 1x1 conv -> type-B masked conv (vertical 2x3 / horizontal 1x2, dilated) -> 1x1 conv,
     plus the additive skip. Dilations cycle 1, 2, 4, ... max_dilation; each block adds its dilation to the
-    rows the vertical stack reaches (``PixelCNNConfig.rows_seen``). The shipped 12 layers with dilations up to 32
-    reach 3 + 63 + 31 = 97 rows, so on the 64x64 grid every position sees every code above it
-    (tests/test_pixelcnn.py checks this through gradients at the shipped size);
+    rows the vertical stack reaches (``PixelCNNConfig.rows_seen``). The default 12 layers with dilations up to 32
+    reach 3 + 63 + 31 = 97 rows, so on the 64x64 grid every position sees every code above it; the prior now in
+    checkpoints/ (8 layers, dilations up to 8) reaches 25. tests/test_pixelcnn.py measures the shipped
+    checkpoint's configuration through gradients;
   * two type-B 1x1 layers and an output layer of K logits per position.
 
 Position awareness: a learned map P (pos_dim x H x W) is projected into every gate, so the net knows where in
