@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from brainvq.checkpoint import CheckpointError
-from brainvq.pixelcnn import GatedPixelCNN, PixelCNNConfig
+from brainvq.pixelcnn import GatedPixelCNN, PixelCNNConfig, grow
 from brainvq.sampling import pick, sample, sample_codes
 from brainvq.vqvae import VQVAE, VQVAEConfig
 
@@ -199,7 +199,7 @@ def shipped_config() -> PixelCNNConfig:
 
 @pytest.mark.parametrize("config", [
     pytest.param(shipped_config, id="shipped", marks=pytest.mark.xfail(
-        strict=True, reason="the shipped prior predates the full-context architecture (12 layers, dilations to "
+        strict=True, reason="the shipped prior predates the full-context architecture (10 layers, dilations to "
                             "32); it reaches 25 rows. Remove this mark when that prior ships (issue 15).")),
     pytest.param(PixelCNNConfig, id="default")])
 def test_the_full_size_configuration_sees_the_whole_grid_above(config):
@@ -215,3 +215,28 @@ def test_the_full_size_configuration_sees_the_whole_grid_above(config):
         seen = grad[0].abs().sum(0) > 0
         assert seen[:size - 1].all(), f"logit ({size - 1},{j}) misses positions in rows {sorted(set(torch.nonzero(~seen[:size - 1])[:, 0].tolist()))}"
         assert seen[size - 1, :j].all() and not seen[size - 1, j:].any()
+
+
+def test_growing_a_prior_keeps_what_it_computes():
+    """pixelcnn.grow at the shipped sizes (8 layers, dilations to 8 -> 10 layers, dilations to 32): the grown
+    prior gives the old logits exactly, and reaches the whole grid once trained."""
+    torch.manual_seed(0)
+    old = GatedPixelCNN(PixelCNNConfig(num_layers=8, max_dilation=8)).eval()
+    for param in old.parameters():  # trained-looking weights: nothing left at its zero initialisation
+        param.data.add_(0.01 * torch.randn_like(param))
+    cfg = PixelCNNConfig(num_layers=10, max_dilation=32)
+    grown = grow(old, cfg).eval()
+    assert [layer.dilation for layer in grown.layers] == [1, 1, 2, 4, 8, 16, 32, 1, 2, 4]
+    assert old.cfg.rows_seen == 25 and cfg.rows_seen == 73
+    codes = torch.randint(0, cfg.num_codes, (2, cfg.grid_size, cfg.grid_size))
+    with torch.no_grad():
+        assert torch.equal(grown(codes), old(codes))
+
+
+def test_growing_refuses_a_change_of_width_or_a_dilation_order_it_cannot_hold():
+    old = GatedPixelCNN(PixelCNNConfig(grid_size=8, num_codes=16, channels=8, embed_dim=8, num_layers=4,
+                                       max_dilation=4, head_channels=8))
+    with pytest.raises(ValueError, match="channels"):
+        grow(old, PixelCNNConfig(**{**old.cfg.__dict__, "channels": 16}))
+    with pytest.raises(ValueError, match="do not hold"):
+        grow(old, PixelCNNConfig(**{**old.cfg.__dict__, "num_layers": 4, "max_dilation": 1}))

@@ -4,7 +4,7 @@
     python train/train_pixelcnn.py --vqvae runs/vqvae/best --out runs/prior --resume     # continue a killed run
     torchrun --standalone --nproc_per_node 4 train/train_pixelcnn.py --vqvae checkpoints/vqvae --out runs/prior
 
-The defaults are the shipped prior (checkpoints/pixelcnn). --batch-size is per process: the global batch is
+The defaults are the shipped prior's architecture (checkpoints/pixelcnn; the README gives the commands that trained it). --batch-size is per process: the global batch is
 batch size x processes (docs/multi-gpu.md). Only rank 0 encodes and writes the code cache and the run folder;
 the other ranks wait for it and read.
 
@@ -29,15 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from brainvq import data  # noqa: E402
 from brainvq.io import atomic_write_bytes  # noqa: E402
 from brainvq.metrics import code_histogram, entropy_bits, nats_to_bits  # noqa: E402
-from brainvq.pixelcnn import GatedPixelCNN, PixelCNNConfig  # noqa: E402
+from brainvq.pixelcnn import GatedPixelCNN, PixelCNNConfig, grow  # noqa: E402
 from brainvq.training import (autocast, barrier, common_args, data_meta, fit, load_splits,  # noqa: E402
                               memory_format, seed_everything, setup_runtime, sharded_means, teardown)
 from brainvq.vqvae import VQVAE, encode_array  # noqa: E402
 
-# ----------------------------------------------------------------------------- defaults (the shipped run)
-CHANNELS = 64
-LAYERS = 12
-EMBED_DIM = 64
+# ----------------------------------------------------------------------------- defaults (the shipped architecture)
+CHANNELS = 48
+LAYERS = 10
+EMBED_DIM = 48
 POS_DIM = 16
 MAX_DILATION = 32
 EPOCHS = 10
@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pos-dim", type=int, default=POS_DIM, help="positional map channels; 0 disables it")
     p.add_argument("--max-dilation", type=int, default=MAX_DILATION, help="1 disables dilation")
     p.add_argument("--first-kernel", type=int, default=7)
+    p.add_argument("--grow-from", help="start from this trained prior, grown to --layers/--max-dilation without "
+                                       "changing what it computes (pixelcnn.grow); ignored with --resume")
     return p.parse_args(argv)
 
 
@@ -120,7 +122,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = PixelCNNConfig(num_codes=vqvae.cfg.num_codes, grid_size=vqvae.grid_size(), channels=args.channels,
                          embed_dim=args.embed_dim, num_layers=args.layers, first_kernel=args.first_kernel,
                          max_dilation=args.max_dilation, pos_dim=args.pos_dim)
-    model = GatedPixelCNN(cfg).to(runtime.device, memory_format=memory_format(runtime.device))  # channels_last on CUDA
+    grown = args.grow_from and not args.resume
+    model = grow(GatedPixelCNN.from_pretrained(args.grow_from, vqvae=vqvae), cfg) if grown else GatedPixelCNN(cfg)
+    model = model.to(runtime.device, memory_format=memory_format(runtime.device))  # channels_last on CUDA
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     meta = {"vqvae": {"path": str(args.vqvae), "fingerprint": vqvae.fingerprint()},
             "data": data_meta(args, train_set, val_set),
