@@ -36,7 +36,7 @@ class Settings:
     revision: str = "main"
     checkpoints: Path = ROOT / "checkpoints"       # fallback weights when the Hub is unreachable
     allow_dirs: list[Path] = field(default_factory=list)
-    offline: bool = False                          # skip the Hub at startup
+    offline: bool = False                          # at startup, use the Hub's download cache only
     host: str | None = None                        # None: $GRADIO_SERVER_NAME, else 127.0.0.1
     port: int | None = None                        # None: $GRADIO_SERVER_PORT, else 7860
     threads: int = 1                               # torch threads per task: see parse_args
@@ -51,10 +51,9 @@ class Settings:
 
 def startup_models(settings: Settings) -> demo.ModelHolder:
     """The Hub model, else the bundled one (with a notice); with neither, an empty holder saying why."""
-    if settings.offline:
-        os.environ["BRAINVQ_OFFLINE"] = "1"
     try:
-        return demo.ModelHolder(hub.load_default(settings.repo_id(), settings.revision, Path(settings.checkpoints)))
+        return demo.ModelHolder(hub.load_default(settings.repo_id(), settings.revision, Path(settings.checkpoints),
+                                                 offline=settings.offline))
     except Exception as error:  # noqa: BLE001 - the app still starts, and the Models tab can load one
         return demo.ModelHolder(None, f"No models could be loaded ({error}). Load a checkpoint in the Models tab.")
 
@@ -195,14 +194,15 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
                     f"{repo_id}@{revision or 'main'} from the Hub")
 
     def load_local(folder: str):
-        return load(lambda: hub.load_local(folder, roots), f"local folder {folder!r}")
+        return load(lambda: demo.load_local(folder, roots), f"local folder {folder!r}")
 
     # ------------------------------------------------------------------ layout
 
     initial, initial_keys, initial_status = browse("", None)
     with gr.Blocks(title="BrainVQ", analytics_enabled=False, delete_cache=(1800, 3600)) as app:
         gr.Markdown("# BrainVQ\nA VQ-VAE compresses a 256×256 brain MRI slice into a grid of discrete codes; "
-                    "a gated PixelCNN prior over those codes generates new slices.")
+                    "a gated PixelCNN prior over those codes generates new slices.\n\n"
+                    "*BrainVQ is for research and teaching, not for diagnosis or any clinical use.*")
         notice = _notice(holder)
         with gr.Tabs(selected="browse") as tabs:
             with gr.Tab("Browse", id="browse"):
@@ -220,7 +220,8 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
 
             with gr.Tab("Reconstruct", id="reconstruct"):
                 with gr.Row():
-                    slice_key = gr.Textbox(label="Slice (pick one in Browse)", scale=3)
+                    slice_key = gr.Textbox(label="Slice (pick one in Browse, or type its caption or file name)",
+                                           scale=3)
                     slice_button = gr.Button("Reconstruct slice", variant="primary", scale=0)
                     upload = gr.File(label="…or upload any image (PNG, JPEG, GIF, BMP, TIFF, WebP; ≤ 10 MB)",
                                      type="filepath", scale=2, elem_id="upload")
@@ -314,7 +315,8 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
                     revision = gr.Textbox(settings.revision, label="Revision (branch, tag or commit)", scale=2)
                     hub_button = gr.Button("Load from Hub", scale=1)
                 with gr.Row():
-                    folder = gr.Textbox(label="Local checkpoint folder (with vqvae/ and pixelcnn/)", scale=5,
+                    folder = gr.Textbox(label="Local checkpoint folder (with vqvae/ and pixelcnn/, e.g. the "
+                                              "runs/NAME/best of train/train_pixelcnn.py --out runs/NAME)", scale=5,
                                         placeholder=str(Path(settings.checkpoints)))
                     local_button = gr.Button("Load local folder", scale=1)
                 gr.Markdown("Local folders must lie under: " + ", ".join(f"`{_shown(r)}`" for r in roots))
@@ -393,7 +395,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--allow-dir", type=Path, action="append", default=[],
                         help="extra folder the Models tab may load local checkpoints from (repeatable; "
                              "checkpoints/ and ./runs are always allowed)")
-    parser.add_argument("--offline", action="store_true", help="do not contact the Hub at startup")
+    parser.add_argument("--offline", action="store_true",
+                        help="do not contact the Hub at startup: use its download cache, else --checkpoints")
     parser.add_argument("--host", default=None, help="address to listen on (default $GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--threads", type=int, default=1,

@@ -3,9 +3,11 @@
     python bench/load_test.py --json bench/results/load.json               # 16 users x 4 samples, shipped weights
     python bench/load_test.py --users 1 --rounds 5 --reconstructors 0      # one user alone
     python bench/load_test.py --app DIR                                    # the app.py of another checkout
+    python bench/load_test.py --random-prior 64,64,12,32                   # an untrained prior of another shape
 
 Starts ``python app.py --offline`` (default settings) on 127.0.0.1 as a subprocess, so its memory is measured
-alone, waits until it serves and warms it up with one reconstruction and one generation. Then ``--rounds`` times:
+alone, waits until it serves and warms it up with one reconstruction and one generation, and opens a session for
+each client (one /model_info call, like a browser loading the page). Then ``--rounds`` times:
 ``--users`` threads, each with its own gradio_client.Client, submit /generate (``--samples`` samples, temperature
 1, top-k and top-p off, a seed of their own) at the same moment, while ``--reconstructors`` other clients each
 send a /reconstruct_sample request every ``--reconstruct-every`` seconds (or as soon as the previous one is
@@ -66,7 +68,7 @@ class Server:
                    "--checkpoints", str(checkpoints)]
         if data_dir:
             command += ["--data-dir", str(data_dir)]
-        env = {**os.environ, "BRAINVQ_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
                "GRADIO_TEMP_DIR": str(self.workdir / "gradio"), "PYTHONUNBUFFERED": "1"}
         self.log = open(self.log_path, "wb")
         self.started = time.perf_counter()
@@ -140,6 +142,18 @@ def _proc_status(pid: int) -> dict[str, float]:
     except OSError:
         pass
     return out
+
+
+def random_bundle(checkpoints: Path, shape: str) -> Path:
+    """A temporary bundle: the VQ-VAE of ``checkpoints`` and a random prior of ``shape`` (see bench/sampling.py)."""
+    from brainvq.vqvae import VQVAE
+    from sampling import random_prior
+
+    folder = Path(tempfile.mkdtemp(prefix="brainvq-random-prior-"))
+    shutil.copytree(checkpoints / "vqvae", folder / "vqvae")
+    vqvae = VQVAE.load(folder / "vqvae")
+    random_prior(vqvae, shape).save(folder / "pixelcnn", vqvae.fingerprint(), random_prior=shape)
+    return folder
 
 
 def sample_keys(data_dir: str | None) -> list[str]:
@@ -291,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checkpoints", type=Path, default=ROOT / "checkpoints",
                    help="bundle folder with vqvae/ and pixelcnn/ (default: the shipped checkpoints/)")
     p.add_argument("--app", type=Path, default=ROOT, help="the checkout whose app.py is served (default: this one)")
+    p.add_argument("--random-prior", help="CHANNELS,EMBED,LAYERS,MAX_DILATION: serve the VQ-VAE of --checkpoints with "
+                                          "a randomly initialised prior of this shape (seed 0), to time it untrained")
     p.add_argument("--data-dir", default=None, help="data root for the Browse tab (default: the bundled samples)")
     p.add_argument("--users", type=int, default=16, help="users pressing Generate at the same moment")
     p.add_argument("--samples", type=int, default=4, help="samples each user asks for")
@@ -302,13 +318,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--json", help="where to write the figures")
     args = p.parse_args(argv)
-    if not (args.checkpoints / "pixelcnn").is_dir():
+    if not args.random_prior and not (args.checkpoints / "pixelcnn").is_dir():
         p.error(f"{args.checkpoints / 'pixelcnn'} does not exist: generation needs a prior")
 
     from gradio_client import Client
 
     keys = sample_keys(args.data_dir)
-    server = Server(args.checkpoints, args.data_dir, args.port, app=args.app)
+    checkpoints = random_bundle(args.checkpoints, args.random_prior) if args.random_prior else args.checkpoints
+    server = Server(checkpoints, args.data_dir, args.port, app=args.app)
     recorder, rss_samples, stop = Recorder(), [], threading.Event()
     try:
         startup_s = server.wait_ready()
@@ -324,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
         warm = server.memory_mb()["rss"]
         clients = [Client(server.url, verbose=False, download_files=False)
                    for _ in range(args.users + args.reconstructors)]
+        for client in clients:  # each user has the page open (a session) before pressing a button
+            client.predict(api_name="/model_info")
         watcher = threading.Thread(target=monitor, args=(server, stop, rss_samples), daemon=True)
         watcher.start()
         load_before = [round(x, 2) for x in os.getloadavg()]  # the machine's other work (1, 5, 15 min)
@@ -357,12 +376,15 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         stop.set()
         server.stop()
+        if checkpoints != args.checkpoints:
+            shutil.rmtree(checkpoints, ignore_errors=True)
 
     errors = sum(recorder.errors.values())
     latency = {kind: percentiles(values) for kind, values in recorder.latencies.items()}
     result = {
         "users": args.users, "samples_per_user": args.samples, "rounds": args.rounds,
-        "reconstructors": args.reconstructors, "reconstruct_every_s": args.reconstruct_every, "checkpoints": str(args.checkpoints), "app": str(args.app),
+        "reconstructors": args.reconstructors, "reconstruct_every_s": args.reconstruct_every,
+        "checkpoints": str(args.checkpoints), "random_prior": args.random_prior, "app": str(args.app),
         "cpu_cores": os.cpu_count(), "startup_s": round(startup_s, 2), "duration_s": round(duration, 1),
         "cpu_s": {"server": round(server_cpu, 1), "clients": round(client_cpu, 1)},
         "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],

@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "train"))
 import train_pixelcnn  # noqa: E402
 
+# The architecture these figures were measured on (the prior shipped before issue 15), pinned so that the
+# committed results stay reproducible whatever train_pixelcnn.py's defaults become.
+ARCH = ["--channels", "48", "--layers", "8", "--embed-dim", "48", "--pos-dim", "16", "--max-dilation", "8"]
 VARIANTS = {"full": [], "no_pos": ["--pos-dim", "0"], "no_dilation": ["--max-dilation", "1"],
             "neither": ["--pos-dim", "0", "--max-dilation", "1"]}
 
@@ -44,22 +47,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=150, help="training steps per variant (batch 16); at most one epoch (288)")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training and sampling seed")
+    p.add_argument("--split-seed", type=int, default=0, help="train/validation split seed")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    vqvae = VQVAE.load(args.vqvae)
-    train = data.load_split(args.data_dir, "train", args.seed)  # the band the samples must hit: see generation_quality
+    vqvae = VQVAE.from_pretrained(args.vqvae)
+    train = data.load_split(args.data_dir, "train", args.split_seed)  # the band the samples must hit: see generation_quality
     area_range = brain_area_range(brain_region_table(data.iter_batches(train.images, 256)))
     result: dict = {"batch_size": 16, "samples": args.samples}
     codes_dir = Path(args.codes_dir or Path(args.out) / "codes")  # encoded once, shared by every variant
     for name in args.variants.split(","):
         out = Path(args.out) / name
         argv_variant = ["--vqvae", args.vqvae, "--out", str(out), "--codes-dir", str(codes_dir), "--epochs", "1",
-                        "--max-steps", str(args.steps), "--seed", str(args.seed), *VARIANTS[name]]
+                        "--max-steps", str(args.steps), "--seed", str(args.seed), "--split-seed", str(args.split_seed),
+                        *ARCH, *VARIANTS[name]]
         if args.data_dir:
             argv_variant += ["--data-dir", args.data_dir]
         record = train_pixelcnn.main(argv_variant)
-        prior = GatedPixelCNN.load(out / "best", vqvae=vqvae)
+        prior = GatedPixelCNN.from_pretrained(out / "best" / "pixelcnn", vqvae=vqvae)
         regions = brain_region_table([vqvae.decode(sample_codes(prior, n=args.samples, seed=args.seed))])
         result["steps"] = record["steps"]  # what ran: --steps is capped at one epoch (288 steps of 16 grids)
         result[name] = {"val_bits_per_code": record["val_bits"], "val_accuracy": record["val_acc"],

@@ -38,6 +38,15 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def random_prior(vqvae: VQVAE, shape: str, seed: int = 0) -> GatedPixelCNN:
+    """A randomly initialised prior over ``vqvae``'s codes, shaped CHANNELS,EMBED,LAYERS,MAX_DILATION: its speed
+    is that of a trained one."""
+    channels, embed, layers, dilation = map(int, shape.split(","))
+    torch.manual_seed(seed)
+    return GatedPixelCNN(PixelCNNConfig(num_codes=vqvae.cfg.num_codes, grid_size=vqvae.grid_size(), channels=channels,
+                                        embed_dim=embed, num_layers=layers, max_dilation=dilation)).eval()
+
+
 def batched(prior: GatedPixelCNN, grids: int) -> float:
     """Seconds to sample ``grids`` one-grid requests together."""
     sampler = BatchSampler(prior)
@@ -64,16 +73,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    vqvae = VQVAE.load(args.vqvae)
+    vqvae = VQVAE.from_pretrained(args.vqvae)
     if args.random_prior:
-        channels, embed, layers, dilation = map(int, args.random_prior.split(","))
-        torch.manual_seed(args.seed)
-        prior = GatedPixelCNN(PixelCNNConfig(num_codes=vqvae.cfg.num_codes, grid_size=vqvae.grid_size(),
-                                             channels=channels, embed_dim=embed, num_layers=layers,
-                                             max_dilation=dilation)).eval()
+        prior = random_prior(vqvae, args.random_prior, args.seed)
         prior_name = f"random {args.random_prior} (channels,embed,layers,max_dilation)"
     else:
-        prior = GatedPixelCNN.load(args.pixelcnn, vqvae=vqvae)
+        prior = GatedPixelCNN.from_pretrained(args.pixelcnn, vqvae=vqvae)
         prior_name = args.pixelcnn
     kwargs = dict(n=1, temperature=args.temperature, seed=args.seed)
     sample_codes(prior, method="fast", **kwargs)  # warm-up

@@ -70,7 +70,7 @@ def synthetic_slices(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 def load_model(folder: str | None) -> tuple[VQVAE, str]:
     if folder and (Path(folder) / CONFIG_NAME).is_file():
-        return VQVAE.load(folder), str(folder)
+        return VQVAE.from_pretrained(folder), str(folder)
     return VQVAE(VQVAEConfig()), "default VQVAEConfig (untrained; no checkpoint found)"
 
 

@@ -6,6 +6,7 @@ written for the person using the demo.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -225,13 +226,29 @@ class SampleSet:
     notice: str | None = None         # why the configured data folder was not used
     _by_key: dict[str, SampleSlice] = field(default_factory=dict, repr=False)
 
+    _by_name: dict[str, list[SampleSlice]] = field(default_factory=dict, repr=False)
+
     def __post_init__(self):
         self._by_key = {s.key: s for s in self.samples}
+        for s in self.samples:  # caption, file name and file name without suffix, compared loosely
+            for alias in {_loose(s.label), _loose(Path(s.key).name), _loose(_stem(s.key))}:
+                self._by_name.setdefault(alias, []).append(s)
 
     def get(self, key: str | None) -> SampleSlice:
-        if not key or key not in self._by_key:
-            raise DemoError("Pick a slice in the Browse tab first." if not key else f"No slice named {key!r}.")
-        return self._by_key[key]
+        """The slice with this key, caption (as the gallery shows it) or file name; case and punctuation aside."""
+        key = (key or "").strip()
+        if not key:
+            raise DemoError("Pick a slice in the Browse tab first, or type its caption or file name.")
+        if key in self._by_key:
+            return self._by_key[key]
+        found = self._by_name.get(_loose(key), [])
+        if len(found) > 1:
+            names = ", ".join(s.key for s in found[:5])
+            raise DemoError(f"{key!r} names {len(found)} slices ({names}{', ...' if len(found) > 5 else ''}): "
+                            "type the whole file name.")
+        if not found:
+            raise DemoError(f"No slice has the caption or file name {key!r}; pick one in the Browse tab.")
+        return found[0]
 
     def classes(self) -> list[str]:
         return sorted({s.class_label for s in self.samples if s.class_label})
@@ -313,7 +330,7 @@ def filter_samples(samples: Sequence[SampleSlice], query: str = "",
     """Slices matching every term of ``query`` and the class ``class_label`` (None, "" or "All" = any).
 
     Terms: ``case:12`` (OASIS case, leading zeros ignored), ``slice:20`` or ``slice:20-30`` (slice index or
-    range), ``class:Mild`` (class label contains), anything else: contained in the caption or file name.
+    range), ``class:MildDemented`` (the whole class name), anything else: contained in the caption or file name.
     Terms are separated by spaces or commas; matching ignores case.
     """
     terms = [t for t in re.split(r"[\s,]+", (query or "").strip()) if t]
@@ -331,7 +348,7 @@ def filter_samples(samples: Sequence[SampleSlice], query: str = "",
             elif sep and key == "slice":
                 ok = _match_number(s.slice_index, value)
             elif sep and key == "class":
-                ok = value.lower() in (s.class_label or "").lower()
+                ok = value.lower() == (s.class_label or "").lower()
             else:
                 text, loose = term.lower(), _loose(term)
                 ok = any(text in t.lower() or (loose and loose in _loose(t)) for t in (s.label, s.key))
@@ -354,7 +371,7 @@ def browse(samples: SampleSet, query: str = "", class_label: str | None = None,
 def filter_help(layout: str) -> str:
     if layout == "oasis":
         return "Filter by `case:12`, `slice:20` or `slice:20-30`, or any text in the caption."
-    return "Filter by class (menu or `class:Mild`) or by any text in the file name, e.g. `26-19`."
+    return "Filter by class (menu or `class:MildDemented`) or by any text in the file name, e.g. `26-19`."
 
 
 # ----------------------------------------------------------------------------- models
@@ -394,6 +411,63 @@ class ModelHolder:
             return bundle
 
 
+BUNDLE_PARTS = ("vqvae", "pixelcnn")
+MODEL_FILES = ("config.json", "model.safetensors")
+
+
+def _shown(path: Path) -> str:
+    """A path relative to the project when inside it (what a visitor of a hosted demo can relate to)."""
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def _dangling(path: Path) -> str | None:
+    """Why ``path`` is a link to nothing, or None."""
+    if path.is_symlink() and not path.exists():
+        return (f"`{_shown(path)}` is a link to `{os.readlink(path)}`, which does not exist (a copy made with "
+                "`cp -r` keeps a run's links: copy with `cp -rL`, or load the run's own `best` folder)")
+    return None
+
+
+def check_bundle(folder: str | os.PathLike) -> None:
+    """Raise a DemoError naming what keeps ``folder`` from loading as a bundle: a link to nothing (the folder,
+    ``vqvae/``, ``pixelcnn/`` or one of their files), a missing ``vqvae/``, or a single checkpoint in its place.
+    A missing ``pixelcnn/`` is allowed: the bundle then reconstructs but cannot generate."""
+    folder = Path(folder)
+    problem = _dangling(folder)
+    if problem is None and not folder.is_dir():
+        problem = f"`{_shown(folder)}` {'is not a folder' if folder.exists() else 'does not exist'}"
+    for part in BUNDLE_PARTS:
+        for path in (folder / part, *(folder / part / name for name in MODEL_FILES)):
+            problem = problem or _dangling(path)
+    if problem is None and not (folder / "vqvae").is_dir():
+        single = folder / "config.json"
+        kind = _config_kind(single) if single.is_file() else None
+        problem = (f"`{_shown(folder)}` holds a single {kind or 'model'} checkpoint, not a bundle"
+                   if single.is_file() else f"`{_shown(folder)}` has no `vqvae/` folder")
+        problem += (": a bundle folder holds `vqvae/` and `pixelcnn/`, as `checkpoints/` does and as "
+                    "train/train_pixelcnn.py writes `OUT/best`")
+    if problem:
+        raise DemoError(problem[0].upper() + problem[1:] + ".")
+
+
+def _config_kind(path: Path) -> str | None:
+    try:
+        return str(json.loads(path.read_text()).get("kind"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def load_local(folder: str, allowed_roots: Sequence[Path]):
+    """The bundle in a local ``folder`` under one of ``allowed_roots`` (``hub.load_local``), after
+    ``check_bundle`` has named anything that keeps it from loading."""
+    from brainvq import hub
+
+    hub.resolve_local(folder, list(allowed_roots))  # refuses folders outside the roots before anything is read
+    raw = Path(str(folder).strip())
+    check_bundle(raw if raw.is_absolute() else REPO_ROOT / raw)
+    return hub.load_local(folder, list(allowed_roots))
+
+
 _HIDDEN = {"notice", "grid_size", "has_prior", "folder"}  # notice: own banner; the rest: redundant with source
 _LABELS = {"K": "codes (K)", "D": "code dimension (D)", "grid": "code grid", "vqvae_params": "VQ-VAE parameters",
            "prior_params": "PixelCNN parameters", "vqvae_fingerprint": "VQ-VAE fingerprint", "data": "training data"}
@@ -428,5 +502,5 @@ def describe_markdown(bundle) -> str:
             rows += _rows(_LABELS.get(key, key), value)
     lines = ["| property | value |", "|---|---|"] + [f"| {k.replace('_', ' ')} | {v} |" for k, v in rows]
     if bundle.prior is None:
-        lines.append("\n*This bundle has no PixelCNN prior: Generate is unavailable.*")
+        lines.append("\n*This bundle has no PixelCNN prior (no `pixelcnn/` folder): Generate is unavailable.*")
     return "\n".join(lines)

@@ -51,20 +51,45 @@ def evaluate_vqvae(model: VQVAE, slices: data.SliceSet, batch_size: int = 32) ->
             "perplexity": perplexity(counts), "ssim_mean_unpadded": float(np.mean(unpadded))}
 
 
+def code_area_masks(boxes: list[tuple[int, int, int, int]], grid: int, size: int = data.IMAGE_SIZE) -> torch.Tensor:
+    """(N, grid, grid) bool: the code positions whose image patch lies wholly inside each image's original area."""
+    patch = size // grid
+    start = torch.arange(grid) * patch
+    masks = torch.zeros(len(boxes), grid, grid, dtype=torch.bool)
+    for k, (top, left, height, width) in enumerate(boxes):
+        rows = (start >= top) & (start + patch <= top + height)
+        cols = (start >= left) & (start + patch <= left + width)
+        masks[k] = rows[:, None] & cols[None, :]
+    return masks
+
+
 @torch.no_grad()
 def evaluate_prior(prior: GatedPixelCNN, test_codes: torch.Tensor, train_codes: torch.Tensor,
-                   batch_size: int = 16) -> dict[str, float]:
-    """Bits per code and next-code accuracy on test codes, beside the unigram entropy of the train codes."""
-    nll, correct, n = 0.0, 0.0, 0
+                   test_area: torch.Tensor, train_area: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
+    """Bits per code and next-code accuracy on test codes, over the whole grid and over the positions inside each
+    slice's original (unpadded) area, beside unigram baselines from the train codes.
+
+    ``unigram_bits_per_code_in_brain`` is the cross-entropy, on the same test positions, of the code histogram of
+    the train codes inside their own original area (add-one smoothed): what a model of code frequencies alone
+    would pay there. Padding is nearly free to predict, so the in-brain figures are the ones that judge the prior.
+    """
+    nll, nll_area, correct = 0.0, 0.0, 0.0
     for start in range(0, len(test_codes), batch_size):
         batch = test_codes[start:start + batch_size]
         logits = prior(batch)
-        nll += float(torch.nn.functional.cross_entropy(logits, batch, reduction="sum"))
+        per_code = torch.nn.functional.cross_entropy(logits, batch, reduction="none")
+        nll += float(per_code.sum())
+        nll_area += float(per_code[test_area[start:start + batch_size]].sum())
         correct += float((logits.argmax(1) == batch).sum())
-        n += batch.numel()
-    return {"n_images": len(test_codes), "bits_per_code": nats_to_bits(nll / n),
+    counts = code_histogram(train_codes[train_area], prior.cfg.num_codes).double() + 1
+    unigram_area = nats_to_bits(float(-(counts / counts.sum()).log()[test_codes[test_area]].mean()))
+    in_brain = nats_to_bits(nll_area / int(test_area.sum()))
+    return {"n_images": len(test_codes), "bits_per_code": nats_to_bits(nll / test_codes.numel()),
             "unigram_bits_per_code": entropy_bits(code_histogram(train_codes, prior.cfg.num_codes)),
-            "accuracy": correct / n}
+            "bits_per_code_in_brain": in_brain, "unigram_bits_per_code_in_brain": unigram_area,
+            "in_brain_saving_over_unigram": 1 - in_brain / unigram_area,
+            "in_brain_positions_per_grid": float(test_area.flatten(1).sum(1).float().mean()),
+            "accuracy": correct / test_codes.numel()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,17 +102,21 @@ def main(argv: list[str] | None = None) -> dict:
     pr.add_argument("--pixelcnn", default="checkpoints/pixelcnn")
     for p in (vq, pr):
         p.add_argument("--data-dir", help="data root (default $BRAINVQ_DATA or ./keras_png_slices_data)")
-        p.add_argument("--seed", type=int, default=0, help="split seed (only matters for the train codes)")
+        p.add_argument("--split-seed", type=int, default=0, help="train/validation split seed (only matters for "
+                       "the train codes' unigram baseline)")
         p.add_argument("--json", required=True, help="where to write the figures")
     args = parser.parse_args(argv)
-    test = data.load_split(args.data_dir, "test", args.seed)
+    test = data.load_split(args.data_dir, "test")
     if args.what == "vqvae":
-        result = evaluate_vqvae(VQVAE.load(args.checkpoint), test)
+        result = evaluate_vqvae(VQVAE.from_pretrained(args.checkpoint), test)
     else:
-        vqvae = VQVAE.load(args.vqvae)
-        prior = GatedPixelCNN.load(args.pixelcnn, vqvae=vqvae)
-        train = data.load_split(args.data_dir, "train", args.seed)
-        result = evaluate_prior(prior, encode_array(vqvae, test.images), encode_array(vqvae, train.images))
+        vqvae = VQVAE.from_pretrained(args.vqvae)
+        prior = GatedPixelCNN.from_pretrained(args.pixelcnn, vqvae=vqvae)
+        train = data.load_split(args.data_dir, "train", args.split_seed)
+        grid = vqvae.grid_size()
+        result = evaluate_prior(prior, encode_array(vqvae, test.images, progress="encoding test codes"),
+                                encode_array(vqvae, train.images, progress="encoding train codes"),
+                                code_area_masks(original_boxes(test), grid), code_area_masks(original_boxes(train), grid))
     return write_report(result, args.json)
 
 

@@ -4,8 +4,9 @@ Every Generate request joins the batched sampler of its prior (``brainvq.samplin
 one background thread, so that many users share each step's fixed cost; each request's codes are still exactly
 those it would get alone. Each request streams only its own frames: its code grids so far, every code drawn
 in the brightness of the patch it decodes to, beside the grids decoded with a neutral code (the background's)
-where nothing is sampled yet, so the brain appears row by row. One render thread draws every frame, so frames
-never take more than one core from the sampler; a user's next frame is drawn from the newest grid.
+where nothing is sampled yet, so the brain appears row by row. One render thread draws every frame from the
+newest grids, so drawing never takes more than one core from the sampler, and frames come less often when
+drawing them all would keep that thread busy more than ``RENDER_SHARE`` of the time.
 """
 from __future__ import annotations
 
@@ -106,9 +107,10 @@ class CodeLook:
         reach = _decoder_reach(vqvae)
         size, scale, k = 2 * reach + 1, vqvae.cfg.downsample, vqvae.cfg.num_codes
         device = next(vqvae.parameters()).device
-        grids = torch.arange(k, device=device).view(k, 1, 1).expand(k, size, size)
-        patches = vqvae.decode(grids)[:, 0, reach * scale:(reach + 1) * scale, reach * scale:(reach + 1) * scale]
-        levels = (patches.mean((1, 2)).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        grids = torch.arange(k, device=device).view(k, 1, 1).expand(k, size, size)   # each code alone, far from edges
+        middle = slice(reach * scale, (reach + 1) * scale)
+        means = torch.cat([vqvae.decode(chunk)[:, 0, middle, middle].mean((1, 2)) for chunk in grids.split(64)])
+        levels = (means.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
         black = vqvae.encode(torch.zeros(1, 1, data.IMAGE_SIZE, data.IMAGE_SIZE, device=device))
         neutral = int(black.flatten().mode().values)
         return cls(levels, neutral, reach, vqvae.decode(torch.full_like(black, neutral)))
@@ -370,9 +372,9 @@ class Generator:
         began = time.perf_counter()
         vqvae = job.bundle.vqvae
         look = code_look(vqvae)
-        if job.decoder is None:
+        if job.decoder is None and progress.filled:
             job.decoder = LiveDecoder(vqvae, look, job.request.n)
-        images = job.decoder.update(progress)
+        images = job.decoder.update(progress) if job.decoder else look.blank.expand(job.request.n, -1, -1, -1)
         view = live_view(progress, images, look)
         frame = GenerationFrame(view, progress.codes.numpy(), progress.filled, progress.total, job.request.seed)
         if progress.done:

@@ -4,8 +4,11 @@ Layout, in order:
   * a type-A gated layer with a large kernel: the vertical stack sees the k//2 rows strictly above,
     the horizontal stack the k//2 codes strictly to the left;
   * gated residual blocks: 1x1 conv -> type-B masked conv (vertical 2x3 / horizontal 1x2, dilated) -> 1x1 conv,
-    plus the additive skip. Dilations cycle (1, 2, 4, 8, ...) so the vertical stack reaches the whole grid:
-    global context without a full-grid kernel;
+    plus the additive skip. Dilations cycle 1, 2, 4, ... max_dilation; each block adds its dilation to the
+    rows the vertical stack reaches (``PixelCNNConfig.rows_seen``). The default 10 layers (dilations 1, 2, 4, 8,
+    16, 32, 1, 2, 4) reach 3 + 63 + 7 = 73 rows, so on the 64x64 grid every position sees every code above it
+    (8 layers with dilations up to 8 reach 25). tests/test_pixelcnn.py measures this through gradients at full
+    size; ``grow`` deepens a trained prior without changing what it computes;
   * two type-B 1x1 layers and an output layer of K logits per position.
 
 Position awareness: a learned map P (pos_dim x H x W) is projected into every gate, so the net knows where in
@@ -18,7 +21,7 @@ Causality: vertical features at row i depend on codes in rows < i only; horizont
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +36,11 @@ from brainvq import checkpoint
 class PixelCNNConfig:
     num_codes: int = 512        # K, from the VQ-VAE
     grid_size: int = 64         # the VQ-VAE's code grid is grid_size x grid_size
-    channels: int = 64          # width of both stacks
-    embed_dim: int = 64
-    num_layers: int = 8         # gated layers including the type-A one
+    channels: int = 48          # width of both stacks
+    embed_dim: int = 48
+    num_layers: int = 10        # gated layers including the type-A one
     first_kernel: int = 7       # type-A kernel: sees first_kernel//2 rows above / codes to the left
-    max_dilation: int = 8       # dilations cycle 1, 2, 4, ... up to this
+    max_dilation: int = 32      # dilations cycle 1, 2, 4, ... up to this
     pos_dim: int = 16           # 0 disables the positional map
     head_channels: int = 128
 
@@ -49,6 +52,11 @@ class PixelCNNConfig:
         """Dilation of gated layer ``layer`` (>= 1): 1, 2, 4, ... max_dilation, 1, 2, ..."""
         cycle = max(1, self.max_dilation.bit_length())
         return 2 ** ((layer - 1) % cycle)
+
+    @property
+    def rows_seen(self) -> int:
+        """How many rows above its own the vertical stack reaches: a full grid needs grid_size - 1."""
+        return self.first_kernel // 2 + sum(self.dilation(layer) for layer in range(1, self.num_layers))
 
 
 def gate(x: torch.Tensor) -> torch.Tensor:
@@ -107,10 +115,10 @@ class GatedLayer(nn.Module):
         return v + v_new, h + h_new
 
 
-class GatedPixelCNN(nn.Module):
+class GatedPixelCNN(nn.Module, checkpoint.HubModel):
     """Autoregressive prior p(code_ij | codes above and to the left), raster order."""
 
-    kind, label = "pixelcnn", "PixelCNN prior"
+    kind, label, config_class = "pixelcnn", "PixelCNN prior", PixelCNNConfig
 
     def __init__(self, cfg: PixelCNNConfig | None = None):
         super().__init__()
@@ -148,15 +156,55 @@ class GatedPixelCNN(nn.Module):
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, folder: str | os.PathLike, vqvae_fingerprint: str, **meta: Any) -> Path:
-        config = {"kind": self.kind, "arch": asdict(self.cfg), "vqvae_fingerprint": vqvae_fingerprint, **meta}
-        return checkpoint.save_model(folder, self, config)
+        """save_pretrained, recording the fingerprint of the VQ-VAE whose codes this prior models."""
+        return super().save(folder, vqvae_fingerprint=vqvae_fingerprint, **meta)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, vqvae: Any | None = None, map_location: str = "cpu") -> "GatedPixelCNN":
-        """Load a prior; with ``vqvae`` given, refuse it unless it was trained on that VQ-VAE's codes."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, vqvae: Any | None = None,
+                        **kwargs: Any) -> "GatedPixelCNN":
+        """HubModel.from_pretrained; with ``vqvae`` given, refuse a prior not trained on that VQ-VAE's codes."""
+        prior = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if vqvae is not None:
-            check_pairing(checkpoint.read_config(folder), vqvae, folder)
-        return checkpoint.build_model(cls, PixelCNNConfig, folder).to(map_location).eval()
+            check_pairing(prior.meta, vqvae, pretrained_model_name_or_path)
+        return prior
+
+
+def grow(prior: GatedPixelCNN, cfg: PixelCNNConfig) -> GatedPixelCNN:
+    """A deeper prior that computes exactly what ``prior`` computes (function-preserving growth, as in Net2Net).
+
+    The old gated layers keep their order and dilations; each new layer starts with zero output convolutions,
+    so its residual adds nothing until training finds a use for it. This lets a prior that reaches the whole
+    grid start from a trained one that does not, which on two CPU cores saves most of its training.
+    """
+    same = ("num_codes", "grid_size", "channels", "embed_dim", "first_kernel", "pos_dim", "head_channels")
+    differ = [f for f in same if getattr(prior.cfg, f) != getattr(cfg, f)]
+    if differ:
+        raise ValueError(f"can only grow a prior in depth and dilation; these differ: {', '.join(differ)}")
+    grown = GatedPixelCNN(cfg)
+    placed = {0: 0}     # new layer index -> old layer index, old layers matched in order by dilation
+    new = 1
+    for old, layer in enumerate(prior.layers[1:], start=1):
+        while new < cfg.num_layers and grown.layers[new].dilation != layer.dilation:
+            new += 1
+        if new == cfg.num_layers:
+            raise ValueError(f"the grown prior's dilations {[l.dilation for l in grown.layers[1:]]} do not hold "
+                             f"the old ones {[l.dilation for l in prior.layers[1:]]} in order")
+        placed[new] = old
+        new += 1
+    state = grown.state_dict()
+    for name, value in prior.state_dict().items():
+        if not name.startswith("layers."):
+            state[name] = value
+    for new, old in placed.items():
+        for name, value in prior.layers[old].state_dict().items():
+            state[f"layers.{new}.{name}"] = value
+    for new in set(range(cfg.num_layers)) - set(placed):
+        for name in ("v_out", "h_out"):
+            for param in ("weight", "bias"):
+                state[f"layers.{new}.{name}.{param}"].zero_()
+    grown.load_state_dict(state)
+    return grown
+
 
 def check_pairing(prior_config: dict[str, Any], vqvae: Any, folder: str | os.PathLike) -> None:
     """A prior is only meaningful over the codes of the VQ-VAE it was trained on."""

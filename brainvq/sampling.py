@@ -78,6 +78,12 @@ class Settings:
                           (self.temperature, self.greedy, self.top_k, self.top_p)])
 
 
+def default_settings(prior: GatedPixelCNN) -> dict:
+    """The sampling settings chosen on validation for this prior (``"sampling"`` in its config.json), as keyword
+    arguments of ``sample_codes``; temperature 1 and no truncation when the checkpoint has none."""
+    return dict(prior.meta.get("sampling", {"temperature": 1.0}))
+
+
 def draw(logits: torch.Tensor, uniform: torch.Tensor, settings: Settings) -> torch.Tensor:
     """(B,K) logits + (B,) uniforms -> (B,) codes by inverse CDF. Top-k keeps the k most likely codes, top-p
     the fewest most likely codes whose probability sums to at least p (after temperature and top-k); greedy

@@ -1,23 +1,29 @@
-"""What both training scripts share: device and torchrun setup, reproducible seeding, atomic run snapshots
-(``best`` and ``last`` are symlinks swapped atomically onto complete folders), and the curve plots."""
+"""What both training scripts share: their common flags, device and torchrun setup, reproducible seeding, the
+data splits, the epoch loop (``fit``: learning-rate schedule, progress bars, validation, atomic ``best`` and
+``last`` snapshots, history and curves)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import inspect
+import itertools
 import json
+import math
 import os
 import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
-from brainvq.checkpoint import CheckpointError, load_training_state, load_weights
+from brainvq import data
+from brainvq.checkpoint import CheckpointError, load_training_state, load_weights, save_training_state
 
 T = TypeVar("T")
 
@@ -168,13 +174,15 @@ def reduce_sums(values: dict[str, float], device: torch.device) -> dict[str, flo
 
 
 @torch.no_grad()
-def sharded_means(model: torch.nn.Module, batches, runtime: Runtime, names: tuple[str, ...],
-                  measure: Callable[[torch.Tensor], dict[str, float]]) -> dict[str, float]:
+def sharded_means(model: torch.nn.Module, batches: Iterable[torch.Tensor], steps: int, runtime: Runtime,
+                  names: tuple[str, ...], measure: Callable[[torch.Tensor], dict[str, float]]) -> dict[str, float]:
     """Per-item means of the batch sums ``measure`` returns, over this rank's ``batches`` (its shard of a
-    validation set) and all-reduced across ranks, so every rank gets the full set's means. Eval mode meanwhile."""
+    validation set, ``steps`` batches: the progress bar's total) and all-reduced across ranks, so every rank gets
+    the full set's means. Eval mode meanwhile."""
     model.eval()
     sums = dict.fromkeys((*names, "n"), 0.0)  # fixed keys and order: the all-reduce needs them on every rank
-    for batch in batches:
+    for batch in tqdm(batches, total=steps, desc="validation", disable=not runtime.is_main, leave=False,
+                      dynamic_ncols=True):
         batch = batch.to(runtime.device)
         for name, value in measure(batch).items():
             sums[name] += float(value)
@@ -251,7 +259,7 @@ def resume_folder(run_dir: Path) -> Path:
 def resume_run(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                runtime: Runtime) -> dict:
     """Load ``run_dir/last`` into the model and optimizer (and the RNG); return the saved state
-    (``epoch``, ``history`` and the script's best metric)."""
+    (``epoch`` and ``history``)."""
     last = resume_folder(run_dir)
     load_weights(model, last)
     state, _ = load_training_state(last, optimizer)
@@ -292,3 +300,134 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# ----------------------------------------------------------------------------- the scripts' shared parts
+
+
+def common_args(p: argparse.ArgumentParser, out: str, epochs: int, batch_size: int, lr: float) -> None:
+    """The flags both training scripts take, with that script's defaults for the run folder and the schedule."""
+    p.add_argument("--data-dir", help="OASIS keras_png_slices_data or an image folder (default $BRAINVQ_DATA)")
+    p.add_argument("--out", default=out, help="run folder (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=epochs, help="default %(default)s, the shipped run")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help="per process; the global batch is this times the number of processes")
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate; cosine decay to lr/50 over --epochs")
+    p.add_argument("--seed", type=int, default=0, help="fixes the initialisation, the shuffling and any crops")
+    p.add_argument("--split-seed", type=int, default=0, help="fixes the train/validation split (the shipped: 0)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step's model (for CUDA)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    p.add_argument("--skip-bad", action="store_true", help="skip undecodable images with a warning")
+    p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (smoke runs)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="use at most this many training and validation slices each (smoke runs; 0 = all)")
+
+
+def take(slices: data.SliceSet, limit: int) -> data.SliceSet:
+    """At most ``limit`` slices (0 = all), evenly spaced over the split so that every class folder is in."""
+    if not limit or limit >= len(slices):
+        return slices
+    index = np.linspace(0, len(slices) - 1, limit).round().astype(np.int64)
+    return data.SliceSet(slices.images[index], [slices.items[i] for i in index], slices.layout, slices.root)
+
+
+def load_splits(args: argparse.Namespace, runtime: Runtime,
+                splits: tuple[str, ...] = ("train", "val")) -> list[data.SliceSet]:
+    """The splits for ``--split-seed``, cut to ``--limit``; rank 0 decodes and caches the images first."""
+    return rank0_first(runtime, lambda: [take(data.load_split(args.data_dir, split, args.split_seed,
+                                                              skip_bad=args.skip_bad), args.limit)
+                                         for split in splits])
+
+
+def data_meta(args: argparse.Namespace, train: data.SliceSet, val: data.SliceSet) -> dict:
+    """What a checkpoint's config records about its training data (the model card describes it from this)."""
+    return {"root": Path(train.root).name, "layout": train.layout, "split_seed": args.split_seed,
+            "limit": args.limit or None, "n_train": len(train), "n_val": len(val)}
+
+
+def lr_at(epoch: int, epochs: int, lr: float) -> float:
+    """Cosine decay from lr to lr/50 over the run; a function of the epoch alone, so resume needs no state."""
+    progress = epoch / max(epochs - 1, 1)
+    return lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader,
+        args: argparse.Namespace, runtime: Runtime, *,
+        step: Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, dict[str, float]]],
+        validate: Callable[[], dict[str, float]],
+        save_best: Callable[[Path, dict], None], save_last: Callable[[Path], None],
+        best: str, higher_is_better: bool, curves: list[tuple[str, str]], title: str,
+        wrap: dict | None = None, clip: float | None = None, rate: str = "images_per_s",
+        before_epoch: Callable[[int], None] | None = None, after_epoch: Callable[[], dict] | None = None,
+        postfix: Callable[[], dict] | None = None) -> list[dict]:
+    """The epoch loop of both training scripts; returns the history (one record per epoch).
+
+    Each epoch sets the learning rate ``lr_at(epoch)``, trains ``min(len(loader), --max-steps)`` steps under a
+    tqdm bar with that total (``step(net, batch)`` returns the loss and per-batch means to show and average
+    into ``train_*``), then records ``validate()`` and ``after_epoch()``. Rank 0 prints the record, keeps the
+    model with the best ``best`` entry in OUT/best (``save_best(folder, record)``), the last epoch with its
+    optimizer state in OUT/last, history.json and curves.png. ``--resume`` restarts after OUT/last's epoch; the
+    best so far is read back from its history. ``wrap``: options for ``wrap_model`` (DDP, torch.compile);
+    ``clip``: gradient-norm clipping; ``rate``: the name of the throughput entry.
+    """
+    out = Path(args.out)
+    history: list[dict] = []
+    start = 0
+    if args.resume:
+        state = resume_run(out, model, optimizer, runtime)
+        history, start = state["history"], state["epoch"] + 1
+    net = wrap_model(model, runtime, compile=args.compile, **(wrap or {}))
+    scaler = grad_scaler(runtime.device)  # loss scaling only for fp16 autocast on GPUs without bf16
+    pick = max if higher_is_better else min
+    best_value = pick((h[best] for h in history), default=None)
+    steps = min(len(loader), args.max_steps or len(loader))
+    if steps == 0:
+        raise SystemExit(f"The training split has fewer slices than one global batch of {args.batch_size} x "
+                         f"{runtime.world_size}: lower --batch-size, or raise --limit.")
+    for epoch in range(start, args.epochs):
+        lr = lr_at(epoch, args.epochs, args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loader.sampler.set_epoch(epoch)  # reshuffle: the order depends on (seed, epoch) only
+        if before_epoch is not None:
+            before_epoch(epoch)
+        sums: dict[str, float] = {}
+        started = time.time()
+        bar = tqdm(itertools.islice(loader, steps), total=steps, desc=f"epoch {epoch + 1}/{args.epochs}",
+                   disable=not runtime.is_main, leave=False, dynamic_ncols=True)
+        for index, batch in enumerate(bar):
+            loss, values = step(net, batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()  # DDP averages the ranks' gradients: the global-batch mean
+            if clip is not None:
+                scaler.unscale_(optimizer)  # clip the true (all-reduced, unscaled) gradient, equal on every rank
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            scaler.step(optimizer)
+            scaler.update()
+            for name, value in {**values, "n": 1.0}.items():
+                sums[name] = sums.get(name, 0.0) + value * len(batch)
+            if index % 10 == 0:
+                shown = {name: f"{value:.4f}" for name, value in values.items()}
+                bar.set_postfix(shown | (postfix() if postfix else {}))
+        sums = reduce_sums(sums, runtime.device)
+        record = {"epoch": epoch + 1, **{f"train_{name}": sums[name] / sums["n"] for name in values},
+                  **validate(), **(after_epoch() if after_epoch is not None else {}),
+                  "lr": lr, "steps": steps, rate: sums["n"] / (time.time() - started)}
+        history.append(record)
+        if not runtime.is_main:
+            continue
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), flush=True)
+        tag = f"{epoch + 1:04d}"
+        if best_value is None or (record[best] > best_value if higher_is_better else record[best] < best_value):
+            best_value = record[best]
+            write_snapshot(out, "best", tag, lambda folder: save_best(folder, record))
+
+        def write_last(folder: Path) -> None:
+            save_last(folder)
+            save_training_state(folder, optimizer, {"epoch": epoch, "history": history})
+
+        write_snapshot(out, "last", tag, write_last)
+        write_history(out, history)
+        plot_curves(history, curves, out / "curves.png", title)
+    return history

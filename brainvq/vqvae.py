@@ -9,9 +9,7 @@ loss:    (1 - SSIM) + l1_weight * L1 + commitment
 from __future__ import annotations
 
 import hashlib
-import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -210,10 +208,10 @@ class VQVAEOutput:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class VQVAE(nn.Module):
+class VQVAE(nn.Module, checkpoint.HubModel):
     """Encoder, vector quantiser and decoder; ``forward`` returns reconstruction, losses and codes."""
 
-    kind, label = "vqvae", "VQ-VAE"
+    kind, label, config_class = "vqvae", "VQ-VAE", VQVAEConfig
 
     def __init__(self, cfg: VQVAEConfig | None = None):
         super().__init__()
@@ -253,20 +251,24 @@ class VQVAE(nn.Module):
         """Hash of the codebook: a prior trained on these codes must be used with this VQ-VAE."""
         return hashlib.sha256(self.quantizer.codebook.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
-    def save(self, folder: str | os.PathLike, **meta: Any) -> Path:
-        config = {"kind": self.kind, "arch": asdict(self.cfg), "fingerprint": self.fingerprint(), **meta}
-        return checkpoint.save_model(folder, self, config)
+    def checkpoint_config(self) -> dict[str, Any]:
+        """config.json records the codebook's fingerprint, which a prior trained on these codes must match."""
+        return {**super().checkpoint_config(), "fingerprint": self.fingerprint()}
 
-    @classmethod
-    def load(cls, folder: str | os.PathLike, map_location: str = "cpu") -> "VQVAE":
-        """Load a checkpoint folder; any problem is a CheckpointError naming the file."""
-        return checkpoint.build_model(cls, VQVAEConfig, folder).to(map_location).eval()
 
 @torch.no_grad()
-def encode_array(model: VQVAE, images, batch_size: int = 32) -> torch.Tensor:
-    """Encode a uint8 (N,256,256) array (e.g. a memory-mapped split) to (N,h,w) long codes."""
+def encode_array(model: VQVAE, images, batch_size: int = 32, progress: str | None = None) -> torch.Tensor:
+    """Encode a uint8 (N,256,256) array (e.g. a memory-mapped split) to (N,h,w) long codes; ``progress``
+    names a tqdm bar over the slices."""
+    from tqdm import tqdm
+
     from brainvq.data import iter_batches
 
     device = next(model.parameters()).device
     model.eval()
-    return torch.cat([model.encode(batch.to(device)).cpu() for batch in iter_batches(images, batch_size)])
+    codes = []
+    with tqdm(total=len(images), desc=progress, unit="slice", disable=progress is None, leave=False) as bar:
+        for batch in iter_batches(images, batch_size):
+            codes.append(model.encode(batch.to(device)).cpu())
+            bar.update(len(batch))
+    return torch.cat(codes)

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import os
 import socket
 import sys
 from pathlib import Path
@@ -26,7 +25,6 @@ def free_port() -> int:
 
 
 def main() -> None:
-    os.environ["BRAINVQ_OFFLINE"] = "1"
     settings = app.Settings(offline=True, host="127.0.0.1", port=free_port())
     blocks, url = app.launch(settings, prevent_thread_lock=True, quiet=True)
     try:

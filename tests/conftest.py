@@ -1,11 +1,16 @@
 """Shared fixtures. Tree builders live in tests/helpers.py (``from helpers import make_oasis_tree``)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Before anything imports huggingface_hub, which reads it once: no telemetry request (its list of agent harnesses)
+# to the import-time HF_ENDPOINT, so the tests' requests go only where HF_ENDPOINT points when they run.
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import socket
 import struct
 import time
@@ -170,7 +171,18 @@ def test_samples_browse_and_filter(oasis_tree, folder_tree, tmp_path):
     assert bundled.classes() == ["MildDemented", "ModerateDemented", "NonDemented", "VeryMildDemented"]
     assert all(s.image.shape == (256, 256) for s in bundled.samples)
     assert len(demo.filter_samples(bundled.samples, "", "ModerateDemented")) == 12
-    assert [s.key for s in demo.filter_samples(bundled.samples, "class:mild 26-19")] == ["MildDemented_26-19.jpg"]
+    assert [s.key for s in demo.filter_samples(bundled.samples, "class:milddemented 26-19")] == [
+        "MildDemented_26-19.jpg"]
+    # class: matches whole class names: MildDemented is not VeryMildDemented, and "Mild" is no class at all
+    assert {s.class_label for s in demo.filter_samples(bundled.samples, "class:MildDemented")} == {"MildDemented"}
+    assert demo.filter_samples(bundled.samples, "class:Mild") == []
+    # the Slice box takes the key, the caption the gallery shows, or the file name (with or without suffix)
+    for text in ("MildDemented_26-19.jpg", "MildDemented · 26-19", "milddemented 26-19", "MildDemented_26-19"):
+        assert bundled.get(text).key == "MildDemented_26-19.jpg", text
+    with pytest.raises(demo.DemoError, match="No slice has the caption or file name 'nothing'"):
+        bundled.get("nothing")
+    with pytest.raises(demo.DemoError, match="Pick a slice"):
+        bundled.get("  ")
 
     oasis = demo.load_samples(oasis_tree)
     assert oasis.layout == "oasis" and len(oasis) == 6  # 2 test cases x 3 slices
@@ -187,6 +199,16 @@ def test_samples_browse_and_filter(oasis_tree, folder_tree, tmp_path):
     folder = demo.load_samples(folder_tree)
     assert folder.layout == "folder" and [s.key for s in demo.filter_samples(folder.samples, "test_004")] == [
         "test/test_004.png"]
+    assert folder.get("test_004.png").key == "test/test_004.png"
+    twins = tmp_path / "twins"  # one file name in two class folders: the name alone is ambiguous
+    make_folder_tree(twins, test_count=0)
+    for label in ("A", "B"):
+        (twins / "test" / label).mkdir(parents=True)
+        Image.fromarray(SLICE).save(twins / "test" / label / "26 (19).png")
+    twin_set = demo.load_samples(twins)
+    with pytest.raises(demo.DemoError, match="names 2 slices"):
+        twin_set.get("26 (19).png")
+    assert twin_set.get("B · 26 (19)").key == "test/B/26 (19).png"
     broken = demo.load_samples(tmp_path / "no-such-folder")
     assert broken.layout == "bundled" and "could not be used" in broken.notice
 
@@ -203,6 +225,39 @@ def test_reconstruct(tmp_path):
     assert "no PixelCNN prior" in demo.describe_markdown(no_prior)
 
 
+def test_local_bundle_problems_are_named(tmp_path):
+    runs = tmp_path / "runs"
+    good = save_tiny_bundle(runs / "good", seed=0)
+    assert demo.load_local(str(good), [runs]).prior is not None
+    vq_only = save_tiny_bundle(runs / "vq-only", seed=0, prior=False)
+    assert "no `pixelcnn/` folder" in demo.describe_markdown(demo.load_local(str(vq_only), [runs]))
+
+    (runs / "gone").symlink_to("best-0001")  # what `cp -r` of a run's best link gives
+    copied = runs / "copied"
+    copied.mkdir()
+    (copied / "vqvae").symlink_to("best-0001")
+    (copied / "pixelcnn").symlink_to(good / "pixelcnn")
+    half = runs / "half"
+    shutil.copytree(good, half)
+    (half / "pixelcnn" / "model.safetensors").unlink()
+    (half / "pixelcnn" / "model.safetensors").symlink_to("elsewhere.safetensors")
+    cases = {"gone": "`{}/gone` is a link to `best-0001`, which does not exist",
+             "copied": "`{}/copied/vqvae` is a link to `best-0001`, which does not exist (a copy made with `cp -r`",
+             "half": "`{}/half/pixelcnn/model.safetensors` is a link to `elsewhere.safetensors`, which does not",
+             "good/vqvae": "`{}/good/vqvae` holds a single vqvae checkpoint, not a bundle: a bundle folder holds "
+                           "`vqvae/` and `pixelcnn/`",
+             "good/pixelcnn": "holds a single pixelcnn checkpoint",
+             "empty": "`{}/empty` has no `vqvae/` folder",
+             "missing": "`{}/missing` does not exist"}
+    (runs / "empty").mkdir()
+    for name, phrase in cases.items():
+        with pytest.raises(demo.DemoError) as info:
+            demo.load_local(str(runs / name), [runs])
+        assert phrase.format(runs) in str(info.value), (name, str(info.value))
+    with pytest.raises(hub.HubError, match="not inside an allowed checkpoint folder"):
+        demo.load_local(str(tmp_path), [runs])  # nothing outside the roots is looked at
+
+
 # ----------------------------------------------------------------------------- the app over HTTP
 
 
@@ -217,7 +272,6 @@ def served(tmp_path_factory):
     save_tiny_bundle(root / "outside", seed=2)
     data_dir = make_folder_tree(root / "data", per_class=2, test_count=6)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BRAINVQ_OFFLINE", "1")
         mp.setenv("BRAINVQ_CACHE", str(root / "cache"))
         mp.setenv("GRADIO_TEMP_DIR", str(root / "gradio"))
         mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
@@ -260,8 +314,10 @@ def test_app_browse_and_reconstruct(served, tmp_path):
     assert read(recon).shape == (256, 256) and 0 < ssim_of(metrics) <= 1
     assert "transparency" in notes and "centre-padded 176x208" in notes
 
+    *_, metrics, notes = client.predict("test_002", api_name="/reconstruct_sample")  # the caption the gallery shows
+    assert 0 < ssim_of(metrics) <= 1 and "test_002" in notes
     *images, metrics, notes = client.predict("../../etc/passwd", api_name="/reconstruct_sample")
-    assert images == [None, None, None] and metrics == "" and "No slice named" in notes
+    assert images == [None, None, None] and metrics == "" and "No slice has the caption or file name" in notes
 
 
 def test_app_refuses_bad_uploads(served, tmp_path):
@@ -356,15 +412,13 @@ def test_app_models_tab(served):
     assert status.startswith("**Load failed:**") and "previous models are still in use" in status and info == other
 
     mp = served["mp"]
-    mp.delenv("BRAINVQ_OFFLINE")
-    mp.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    mp.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there; --offline is startup only
     try:
         status, info, _ = client.predict("someone/brainvq", "main", api_name="/load_hub")
         assert status.startswith("**Load failed:**") and "cannot reach the Hugging Face Hub" in status and info == other
         status, info, _ = client.predict("not a repo id", "main", api_name="/load_hub")
         assert "not a valid Hugging Face repository id" in status and info == other
     finally:
-        mp.setenv("BRAINVQ_OFFLINE", "1")
         mp.delenv("HF_ENDPOINT")
     status, info, _ = client.predict(str(checkpoints), api_name="/load_local")  # back to the start for the others
     assert status.startswith("**Loaded**") and "codes (K) | 16" in info

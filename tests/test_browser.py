@@ -53,7 +53,7 @@ def page(tmp_path_factory):
     data_dir = make_folder_tree(root / "data", per_class=2, test_count=6)
     ARTIFACTS.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in {"BRAINVQ_OFFLINE": "1", "BRAINVQ_CACHE": str(root / "cache"),
+        for name, value in {"BRAINVQ_CACHE": str(root / "cache"),
                             "GRADIO_TEMP_DIR": str(root / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False"}.items():
             mp.setenv(name, value)
         settings = app.Settings(data_dir=str(data_dir), checkpoints=checkpoints, offline=True, host="127.0.0.1",

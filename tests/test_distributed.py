@@ -170,7 +170,10 @@ def test_vqvae_two_processes_match_one_process(runs):
         if not tensor.dtype.is_floating_point:
             assert torch.equal(tensor, two[name]), name
             continue
-        rtol, atol = tolerances.get(name, (1e-4, 1e-5))
+        # All-reduce sums gradients in another order, and the float32 convolutions' order depends on the thread
+        # count; Adam divides by sqrt(v), so on near-zero gradients that reordering moves a weight by part of
+        # one lr step (seen: 1.3e-5 to 1.5e-4). A real DDP bug moves weights by whole steps (lr 1e-3) or more.
+        rtol, atol = tolerances.get(name, (1e-4, 1e-3))
         torch.testing.assert_close(two[name], tensor, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
     # The metrics are all-reduced: rank 0 reports the global numbers one process reports.
     for a, b in zip(history(runs["vq1"][0]), history(runs["vq2"][0]), strict=True):
@@ -212,7 +215,8 @@ def test_only_rank_zero_writes(runs, name, extra):
     patterns = {f if "*" not in f else next((g for g in files if Path(g).match(f)), f) for f in extra}
     assert files - snapshots == RUN_FILES | patterns, files
     for folder in ("best", "last"):
-        json.loads((out / folder / "config.json").read_text())  # complete, parseable
+        model = out / folder / ("pixelcnn" if name == "prior2" and folder == "best" else "")  # prior's best: a bundle
+        json.loads((model / "config.json").read_text())  # complete, parseable
     epochs = [h["epoch"] for h in history(out)]
     assert epochs == [1, 2]
     for epoch in ([2] if name == "vq2_resumed" else epochs):  # one line per epoch: only rank 0 prints

@@ -1,6 +1,8 @@
 """brainvq.hub against a fake Hugging Face Hub served by the test itself on 127.0.0.1 (no other address is contacted).
 
 The fake hub implements what huggingface_hub 2.4 asks of a Hub for these calls:
+  * GET /api/models/{owner}/{name}/revision/{revision} (model_info: sha, siblings) and .../tree/{revision}
+    (list_repo_tree, used by snapshot_download); errors carry X-Error-Code like the real Hub.
   * HEAD/GET /{owner}/{name}/resolve/{revision}/{path}: X-Repo-Commit, ETag, Content-Length headers; errors carry
     X-Error-Code RepoNotFound / RevisionNotFound / EntryNotFound like the real Hub.
   * POST /api/repos/create, POST /api/models/{owner}/{name}/preupload/{revision} (every file "regular", so no
@@ -22,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import torch
 import yaml
-from huggingface_hub.utils import _detect_agent
+from huggingface_hub import constants
 
 from brainvq import hub
 from brainvq.checkpoint import CheckpointError
@@ -68,13 +70,12 @@ def loopback_only(monkeypatch, tmp_path):
             raise socket.gaierror(f"test network guard: {host!r} is not loopback")
         return real_getaddrinfo(host, *args, **kwargs)
 
-    # huggingface_hub 2.x fetches {import-time HF_ENDPOINT}/api/agent-harnesses once per process; brainvq.hub turns
-    # that off (see test_no_request_leaves_for_the_import_time_endpoint); tests start from "not fetched yet".
-    monkeypatch.setattr(_detect_agent, "_registry", None)
+    # conftest.py turns off huggingface_hub's telemetry, which would fetch {import-time HF_ENDPOINT}/api/...
+    assert constants.HF_HUB_DISABLE_TELEMETRY
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # what HF_HUB_OFFLINE set when huggingface_hub loaded
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "BRAINVQ_OFFLINE", "HF_HUB_OFFLINE",
-                 "BRAINVQ_HUB_REPO"):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE", "BRAINVQ_HUB_REPO"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # read now by hf_xet (push) and brainvq.hub
     monkeypatch.setenv("HF_XET_CACHE", str(tmp_path / "hf-home" / "xet"))
@@ -101,7 +102,7 @@ class FakeHub:
         self.commits: dict[str, dict[str, dict[str, bytes]]] = {}
         self.log: list[tuple[str, str, dict[str, str]]] = []
         self.model_cards: list[str] = []
-        self.hide_commit_header = False  # answer like a plain web server instead of a Hub
+        self.web_server: int | None = None  # answer every request like a plain web server: 404 or 200 HTML
         self.down = False  # answer 503 to every download, like a Hub outage
         self.lock = threading.Lock()
         hub_ref = self
@@ -162,6 +163,12 @@ class FakeHub:
         parts = url.path.split("/")
         length = int(req.headers.get("Content-Length") or 0)
         body = req.rfile.read(length) if length else b""
+        if self.web_server:
+            return self.reply(req, self.web_server, body=b"<html><body>Not a Hub</body></html>",
+                              headers={"Content-Type": "text/html"}, head=method == "HEAD")
+        if method == "GET" and len(parts) >= 7 and parts[:3] == ["", "api", "models"] and parts[5] in ("revision",
+                                                                                                     "tree"):
+            return self.api(req, f"{unquote(parts[3])}/{unquote(parts[4])}", parts[5], unquote("/".join(parts[6:])))
         if method in ("HEAD", "GET") and len(parts) >= 6 and parts[3] == "resolve":
             return self.resolve(req, method, f"{unquote(parts[1])}/{unquote(parts[2])}", unquote(parts[4]),
                                 unquote("/".join(parts[5:])))
@@ -194,8 +201,8 @@ class FakeHub:
         if not head:
             req.wfile.write(data)
 
-    def resolve(self, req, method: str, repo_id: str, revision: str, filename: str) -> None:
-        head = method == "HEAD"
+    def lookup(self, req, repo_id: str, revision: str, head: bool = False) -> str | None:
+        """The commit of ``revision``, or None after answering the error the real Hub would."""
         if self.down:
             return self.reply(req, 503, {"error": "Service Unavailable"}, head=head)
         if repo_id not in self.refs:  # the real Hub answers 401 for unknown (or private) repos
@@ -205,6 +212,25 @@ class FakeHub:
         if commit is None:
             return self.reply(req, 404, {"error": "Invalid rev id"},
                               {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"}, head=head)
+        return commit
+
+    def api(self, req, repo_id: str, action: str, revision: str) -> None:
+        """model_info (siblings) and the recursive tree listing: every file at the root of the listing."""
+        commit = self.lookup(req, repo_id, revision)
+        if commit is None:
+            return
+        tree = self.commits[repo_id][commit]
+        if action == "revision":
+            return self.reply(req, 200, {"id": repo_id, "sha": commit, "private": False,
+                                         "siblings": [{"rfilename": name} for name in tree]})
+        self.reply(req, 200, [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                              for name, data in tree.items()])
+
+    def resolve(self, req, method: str, repo_id: str, revision: str, filename: str) -> None:
+        head = method == "HEAD"
+        commit = self.lookup(req, repo_id, revision, head)
+        if commit is None:
+            return
         tree = self.commits[repo_id][commit]
         if filename not in tree:
             return self.reply(req, 404, {"error": "Entry not found"},
@@ -212,9 +238,7 @@ class FakeHub:
                                "X-Repo-Commit": commit}, head=head)
         data = tree[filename]
         etag = hashlib.sha256(data).hexdigest()
-        headers = {"ETag": f'"{etag}"', "Content-Type": "application/octet-stream"}
-        if not self.hide_commit_header:
-            headers["X-Repo-Commit"] = commit
+        headers = {"ETag": f'"{etag}"', "Content-Type": "application/octet-stream", "X-Repo-Commit": commit}
         self.reply(req, 200, headers=headers, body=data, head=head)
 
     def create_repo(self, req, payload: dict) -> None:
@@ -313,7 +337,7 @@ def test_download_and_load_from_the_fake_hub(fake_hub, bundle_dir, models, image
     assert bundle.source == f"Hub: {REPO}@main (commit {commit[:7]})"
     assert bundle.notice is None and bundle.folder.name == commit
     assert bundle.folder.is_relative_to(tmp_path / "cache")
-    fetched = {path.split("/resolve/")[1].split("/", 1)[1] for path in fake_hub.requests("GET")}
+    fetched = {path.split("/resolve/")[1].split("/", 1)[1] for path in fake_hub.requests("GET") if "/resolve/" in path}
     assert fetched == set(BUNDLE_FILES)
     info = bundle.describe()
     assert (info["K"], info["D"], info["grid_size"], info["has_prior"]) == (16, 8, 64, True)
@@ -321,17 +345,10 @@ def test_download_and_load_from_the_fake_hub(fake_hub, bundle_dir, models, image
     assert info["data"] == KAGGLE_DATA and info["source"] == bundle.source
     assert info["vqvae_params"] > 16 * 8 and info["prior_params"] == sum(p.numel() for p in models[1].parameters())
 
-    # A tag or a commit hash works too, and download_bundle hands back the same snapshot folder.
+    # A tag or a commit hash works too, and gives the same snapshot folder.
     fake_hub.refs[REPO]["v1.0"] = commit
-    assert hub.download_bundle(REPO, "v1.0", cache_dir=tmp_path / "cache") == bundle.folder
-    assert hub.download_bundle(REPO, commit, cache_dir=tmp_path / "cache") == bundle.folder
-
-
-def test_no_request_leaves_for_the_import_time_endpoint(fake_hub, bundle_dir, tmp_path):
-    """huggingface_hub's first request would also GET its agent list from huggingface.co (the import-time endpoint)."""
-    fake_hub.add_repo(REPO, bundle_dir)
-    hub.download_bundle(REPO, cache_dir=tmp_path / "cache")
-    assert _detect_agent._registry == _detect_agent._EMPTY_REGISTRY  # and the guard saw no other host
+    assert hub.load_from_hub(REPO, "v1.0", cache_dir=tmp_path / "cache").folder == bundle.folder
+    assert hub.load_from_hub(REPO, commit, cache_dir=tmp_path / "cache").folder == bundle.folder
 
 
 def test_a_bundle_without_a_prior_loads_for_reconstruction(fake_hub, bundle_dir, models, images, tmp_path):
@@ -345,7 +362,7 @@ def test_a_bundle_without_a_prior_loads_for_reconstruction(fake_hub, bundle_dir,
 def test_the_default_cache_follows_hf_hub_cache_at_call_time(fake_hub, bundle_dir, tmp_path, monkeypatch):
     fake_hub.add_repo(REPO, bundle_dir)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "late-cache"))
-    assert hub.download_bundle(REPO).is_relative_to(tmp_path / "late-cache")
+    assert hub.load_from_hub(REPO).folder.is_relative_to(tmp_path / "late-cache")
 
 
 @pytest.mark.parametrize("case, expected", [
@@ -365,11 +382,12 @@ def test_missing_repo_revision_or_file_is_a_clear_hub_error(fake_hub, bundle_dir
     assert time.monotonic() - started < 5
 
 
-def test_an_endpoint_that_is_not_a_hub_is_named(fake_hub, bundle_dir, tmp_path):
+@pytest.mark.parametrize("status", [404, 200])
+def test_an_endpoint_that_is_not_a_hub_is_named(fake_hub, bundle_dir, tmp_path, status):
     fake_hub.add_repo(REPO, bundle_dir)
-    fake_hub.hide_commit_header = True
-    with pytest.raises(HubError, match=f"^{fake_hub.endpoint} does not answer like a Hugging Face Hub .*HF_ENDPOINT"):
-        hub.download_bundle(REPO, cache_dir=tmp_path / "cache")
+    fake_hub.web_server = status  # a plain web server: a 404 page, or the same HTML page for every path
+    with pytest.raises(HubError, match=f"^{fake_hub.endpoint} does not answer like a Hugging Face Hub.*HF_ENDPOINT"):
+        hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
 
 
 def test_a_truncated_download_is_a_checkpoint_error_naming_the_file(fake_hub, bundle_dir, tmp_path):
@@ -398,11 +416,11 @@ def test_unreachable_hub_falls_back_to_the_bundled_folder(bundle_dir, models, im
     bundle = hub.load_default(REPO, "main", fallback=bundle_dir)
     assert time.monotonic() - started < 5
     assert_same_outputs(bundle, *models, images)
-    assert bundle.notice.startswith(f"Could not load {REPO}@main from the Hugging Face Hub (cannot reach the "
-                                    f"Hugging Face Hub at {endpoint}")
-    assert bundle.notice.endswith(f"; using the bundled {bundle_dir} weights instead.")
-    with pytest.raises(HubError, match=f"cannot reach the Hugging Face Hub at {endpoint}"):
-        hub.download_bundle(REPO)
+    assert bundle.notice == (f"The Hugging Face Hub at {endpoint} is unreachable, so the bundled {bundle_dir} weights "
+                             "are in use. Start the app with --offline to skip the Hub.")  # no raw "[Errno ...]"
+    with pytest.raises(HubError, match=f"^cannot reach the Hugging Face Hub at {endpoint}; check the network") as info:
+        hub.load_from_hub(REPO)
+    assert info.value.kind == "unreachable" and "Errno" not in str(info.value)
 
 
 def test_unreachable_hub_reuses_a_complete_cached_download(fake_hub, bundle_dir, models, images, tmp_path,
@@ -410,37 +428,35 @@ def test_unreachable_hub_reuses_a_complete_cached_download(fake_hub, bundle_dir,
     fake_hub.add_repo(REPO, bundle_dir)
     first = hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
-    again = hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
-    assert again.folder == first.folder and "unreachable" in again.notice and "cached copy" in again.notice
+    again = hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")  # snapshot_download falls back to the cache
+    assert again.folder == first.folder and again.source == first.source
     assert_same_outputs(again, *models, images)
 
 
 def test_a_hub_outage_uses_the_cache_or_says_what_failed(fake_hub, bundle_dir, tmp_path):
     fake_hub.add_repo(REPO, bundle_dir)
     fake_hub.down = True
-    with pytest.raises(HubError, match="answered HTTP 503 for 'vqvae/config.json' of brainvq/tiny-bundle@main"):
-        hub.download_bundle(REPO, cache_dir=tmp_path / "cache")
+    with pytest.raises(HubError, match="answered HTTP 503 for brainvq/tiny-bundle@main; try again later"):
+        hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
     fake_hub.down = False
-    hub.download_bundle(REPO, cache_dir=tmp_path / "cache")
+    first = hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
     fake_hub.down = True
-    bundle = hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
-    assert bundle.notice == (f"The Hugging Face Hub at {fake_hub.endpoint} is unreachable (HTTP 503); using the "
-                             f"cached copy of {REPO}@main.")
+    assert hub.load_from_hub(REPO, cache_dir=tmp_path / "cache").folder == first.folder
 
 
 def test_a_cached_bundle_without_prior_is_reused_when_unreachable(fake_hub, bundle_dir, models, images, tmp_path,
                                                                   monkeypatch):
     fake_hub.add_repo(REPO, bundle_dir, files=BUNDLE_FILES[:2])
-    hub.download_bundle(REPO, cache_dir=tmp_path / "cache")
+    hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     bundle = hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
-    assert bundle.prior is None and "cached copy" in bundle.notice
+    assert bundle.prior is None and bundle.source.startswith(f"Hub: {REPO}@main (commit ")
     assert_same_outputs(bundle, models[0], None, images)
 
 
 def test_an_incomplete_cache_is_not_used(fake_hub, bundle_dir, tmp_path, monkeypatch):
     fake_hub.add_repo(REPO, bundle_dir)
-    hub.download_bundle(REPO, cache_dir=tmp_path / "cache")
+    hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
     for blob in (tmp_path / "cache").rglob("pixelcnn/model.safetensors"):
         blob.unlink()  # as if that download had been interrupted
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
@@ -448,17 +464,29 @@ def test_an_incomplete_cache_is_not_used(fake_hub, bundle_dir, tmp_path, monkeyp
         hub.load_from_hub(REPO, cache_dir=tmp_path / "cache")
 
 
-@pytest.mark.parametrize("variable", ["BRAINVQ_OFFLINE", "HF_HUB_OFFLINE"])
-def test_offline_mode_skips_the_hub(fake_hub, bundle_dir, models, images, monkeypatch, variable):
+@pytest.mark.parametrize("switch", ["HF_HUB_OFFLINE", "local_files_only"])
+def test_offline_mode_skips_the_hub(fake_hub, bundle_dir, models, images, tmp_path, monkeypatch, switch):
     fake_hub.add_repo(REPO, bundle_dir)
-    monkeypatch.setenv(variable, "1")
-    bundle = hub.load_default(REPO, fallback=bundle_dir)
+    other_vq, other_prior = tiny_models(seed=3)
+    fallback = save_bundle(tmp_path / "fallback", other_vq, other_prior)
+    if switch == "HF_HUB_OFFLINE":  # the environment variable as huggingface_hub read it at import
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    offline = switch == "local_files_only"
+    bundle = hub.load_default(REPO, fallback=fallback, offline=offline)
+    assert_same_outputs(bundle, other_vq, other_prior, images)
+    assert bundle.notice == (f"Offline mode: {REPO}@main is not in the download cache, so the bundled {fallback} "
+                             "weights are in use.")
+    with pytest.raises(HubError, match="^offline mode is on and brainvq/tiny-bundle@main is not"):
+        hub.load_from_hub(REPO, local_files_only=offline)
+    assert fake_hub.log == []
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # download once, then offline uses the cached copy
+    hub.load_from_hub(REPO)
+    fake_hub.log.clear()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", switch == "HF_HUB_OFFLINE")
+    bundle = hub.load_default(REPO, fallback=fallback, offline=offline)
     assert_same_outputs(bundle, *models, images)
-    assert bundle.notice.startswith(f"Offline mode ({variable}=1)") and "skipped the Hugging Face Hub" in bundle.notice
-    assert fake_hub.log == []
-    with pytest.raises(HubError, match="offline mode"):
-        hub.download_bundle(REPO)
-    assert fake_hub.log == []
+    assert bundle.source.startswith(f"Hub: {REPO}@main (commit ") and bundle.notice is None and fake_hub.log == []
 
 
 def test_default_repo_comes_from_the_environment(fake_hub, bundle_dir, tmp_path, monkeypatch):
@@ -480,15 +508,16 @@ def test_when_hub_and_fallback_both_fail_the_error_says_both(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("repo_id", ["brainvq/brainvq-alzheimer-t1", "  owner/name  ", "a/b", "Org_1/model.v2",
-                                     "x" * 40 + "/" + "y" * 55])
-def test_validate_repo_id_accepts(repo_id):
+                                     "x" * 40 + "/" + "y" * 55, "gpt2", "x" * 48 + "/" + "y" * 48])
+def test_validate_repo_id_accepts(repo_id):  # huggingface_hub's rules: a canonical id without owner is valid
     assert hub.validate_repo_id(repo_id) == repo_id.strip()
 
 
-@pytest.mark.parametrize("repo_id", ["../etc", "a/b/c", "", "   ", "owner/na me", "x" * 200, "owner", "/name",
-                                     "owner/", "owner/..", "owner/a..b", "owner/a--b", "-owner/name", "owner/name.", ".owner/name",
-                                     "owner\n/name", "own\x00er/name", "owner/näme", "owner/name?x=1",
-                                     "x" * 48 + "/" + "y" * 48])
+@pytest.mark.parametrize("repo_id", ["../etc", "a/b/c", "", "   ", "owner/na me", "x" * 200, "/name", "owner/",
+                                     "owner/..", "owner/a..b", "owner/a--b", "-owner/name", "owner/name.",
+                                     ".owner/name", "owner\n/name", "own\x00er/name", "owner/näme", "owner/name?x=1",
+                                     "owner/x.git",
+                                     "owner/" + "y" * 97, None])
 def test_validate_repo_id_refuses(repo_id):
     with pytest.raises(HubError, match="not a valid Hugging Face repository id"):
         hub.validate_repo_id(repo_id)
@@ -517,6 +546,65 @@ def test_invalid_ids_never_reach_the_network(fake_hub):
     with pytest.raises(HubError):
         hub.load_from_hub(REPO, "../../x")
     assert fake_hub.log == []
+
+
+# ----------------------------------------------------------------------------------------- one model, the Hub's way
+
+
+def test_a_model_saves_and_loads_the_hub_way(images, tmp_path):
+    vq, prior = tiny_models(seed=7)
+    folder = vq.save(tmp_path / "vq", data=KAGGLE_DATA, metrics=VQ_METRICS)  # save_pretrained + these config entries
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["kind"], config["fingerprint"], config["metrics"]) == ("vqvae", vq.fingerprint(), VQ_METRICS)
+    card = (folder / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "pytorch" and "pytorch_model_hub_mixin" in front["tags"]
+    assert "# BrainVQ: VQ-VAE for brain MRI slices" in card and "research and teaching, not for diagnosis" in card
+    assert "| VQ-VAE | `val_ssim` | 0.9797 |" in card and 'VQVAE.from_pretrained("OWNER/NAME")' in card
+    for name in (folder, str(folder)):  # a Path or an existing folder is always local
+        loaded = VQVAE.from_pretrained(name)
+        assert torch.equal(loaded.encode(images), vq.encode(images)) and loaded.meta["metrics"] == VQ_METRICS
+
+    prior.save(tmp_path / "prior", vq.fingerprint())
+    assert torch.equal(GatedPixelCNN.from_pretrained(tmp_path / "prior", vqvae=vq)(vq.encode(images)),
+                       prior(vq.encode(images)))
+    with pytest.raises(CheckpointError, match="was trained on VQ-VAE"):
+        GatedPixelCNN.from_pretrained(tmp_path / "prior", vqvae=tiny_models(seed=8)[0])
+
+
+def test_a_model_pushed_with_push_to_hub_loads_with_from_pretrained(fake_hub, images, tmp_path, monkeypatch):
+    vq, prior = tiny_models(seed=7)
+    vq.save(tmp_path / "vq", metrics=VQ_METRICS)
+    prior.save(tmp_path / "prior", vq.fingerprint())
+    with monkeypatch.context() as patch:  # push_to_hub's HfApi() takes the endpoint huggingface_hub read at import
+        patch.setattr(constants, "ENDPOINT", fake_hub.endpoint)
+        vq.push_to_hub("me/vq", token="hf_fake_token")
+        prior.push_to_hub("me/prior", token="hf_fake_token")
+    for repo in ("me/vq", "me/prior"):
+        head = fake_hub.refs[repo]["main"]
+        assert set(fake_hub.commits[repo][head]) == {".gitattributes", "README.md", "config.json", "model.safetensors"}
+    download = {"endpoint": fake_hub.endpoint, "cache_dir": tmp_path / "cache"}
+    loaded = VQVAE.from_pretrained("me/vq", **download)
+    assert torch.equal(loaded.encode(images), vq.encode(images)) and loaded.meta["metrics"] == VQ_METRICS
+    codes = vq.encode(images)
+    assert torch.equal(GatedPixelCNN.from_pretrained("me/prior", vqvae=loaded, **download)(codes), prior(codes))
+
+
+def test_weights_are_never_unpickled_from_the_hub(fake_hub, bundle_dir, tmp_path):
+    pickled = {"config.json": (bundle_dir / "vqvae/config.json").read_bytes(), "pytorch_model.bin": b"PK\x03\x04..."}
+    fake_hub.commit("me/pickled", pickled)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors' is missing"):
+        VQVAE.from_pretrained("me/pickled", endpoint=fake_hub.endpoint, cache_dir=tmp_path / "cache")
+    assert not [path for path in fake_hub.requests() if path.endswith("pytorch_model.bin")]  # not even downloaded
+
+
+def test_the_shipped_checkpoints_load_as_they_are(images):
+    bundle = hub.load_bundle(hub.BUNDLED_DIR)  # checkpoints/ as committed, with its pairing check
+    assert bundle.prior is not None and bundle.vqvae.meta["fingerprint"] == bundle.vqvae.fingerprint()
+    assert bundle.prior.meta["vqvae_fingerprint"] == bundle.vqvae.fingerprint()
+    again = VQVAE.from_pretrained(str(hub.BUNDLED_DIR / "vqvae"))
+    assert torch.equal(again.encode(images[:1]), bundle.vqvae.encode(images[:1]))
 
 
 # ----------------------------------------------------------------------------------------- local folders
@@ -582,8 +670,8 @@ def test_export_writes_the_files_and_an_honest_model_card(bundle_dir, models, im
     out = hub.export_bundle(tmp_path / "export", bundle_dir / "vqvae", bundle_dir / "pixelcnn", "owner/brainvq-test")
     for name in BUNDLE_FILES:
         assert (out / name).read_bytes() == (bundle_dir / name).read_bytes()
-    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == sorted(
-        ["README.md", "config.json", "config.json", "model.safetensors", "model.safetensors"])  # no temp files left
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(
+        ["README.md", *BUNDLE_FILES, "vqvae/README.md", "pixelcnn/README.md"])  # save_pretrained; no temp files left
     assert_same_outputs(hub.load_bundle(out), *models, images)
     card = (out / "README.md").read_text()
     front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
@@ -596,6 +684,7 @@ def test_export_writes_the_files_and_an_honest_model_card(bundle_dir, models, im
     assert "split **by file** with seed 0 (4,609 training and 512 validation slices)" in body
     assert "**not** trained on the OASIS `keras_png_slices_data` set" in body
     assert 'hub.load_from_hub("owner/brainvq-test")' in body
+    assert "BrainVQ is for research and teaching, not for diagnosis or any other clinical use.\n" in body
     assert "/work/shared" not in card  # no local paths in a public card
 
 
@@ -652,3 +741,10 @@ def test_cli_export(bundle_dir, tmp_path, capsys):
     assert (tmp_path / "cli" / "README.md").is_file() and (tmp_path / "cli" / "pixelcnn" / "config.json").is_file()
     assert hub.main(["export", "--out", str(tmp_path / "bad"), "--vqvae", str(tmp_path / "none")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_name_that_is_neither_a_folder_nor_a_reachable_repo_is_a_clear_checkpoint_error(tmp_path):
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(CheckpointError, match=r"^'runs/no-such' is no folder here; as a Hub repository: cannot "
+                                              f"reach the Hugging Face Hub at {endpoint}"):
+        VQVAE.from_pretrained("runs/no-such", endpoint=endpoint, cache_dir=tmp_path / "cache")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from brainvq import checkpoint
+from brainvq import checkpoint, training
 from brainvq.checkpoint import CheckpointError
 from brainvq.metrics import ssim
 from brainvq.training import write_snapshot
@@ -244,7 +244,7 @@ def test_save_load_round_trip(tmp_path):
     model = trained_tiny(steps=3)
     folder = model.save(tmp_path / "ckpt", note="hello")
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
-    loaded = VQVAE.load(folder)
+    loaded = VQVAE.from_pretrained(folder)
     assert not loaded.training
     assert loaded.fingerprint() == model.fingerprint()
     assert loaded.meta["fingerprint"] == model.fingerprint()
@@ -274,7 +274,7 @@ def saved(tmp_path) -> Path:
 
 def _load_error(folder: Path) -> str:
     with pytest.raises(CheckpointError) as info:
-        VQVAE.load(folder)
+        VQVAE.from_pretrained(folder)
     return str(info.value)
 
 
@@ -459,7 +459,7 @@ def test_train_script_end_to_end_and_deterministic_resume(tmp_path, folder_tree,
         assert (run / name).exists(), name
     assert (run / "best" / "config.json").is_file() and (run / "last" / "training_state.safetensors").is_file()
     assert cache_dir.is_dir() and any(cache_dir.iterdir()), "BRAINVQ_CACHE was not used"
-    best = VQVAE.load(run / "best")
+    best = VQVAE.from_pretrained(run / "best")
     assert best.cfg.num_codes == 16 and best.cfg.widths == (8, 8)
     assert best.meta["train"]["epochs"] == 2 and "val_ssim" in best.meta["metrics"]
     assert len(json.loads((run / "history.json").read_text())) == 2
@@ -477,17 +477,17 @@ def test_train_script_end_to_end_and_deterministic_resume(tmp_path, folder_tree,
 
     # 3. the same three-epoch run killed after epoch 2, then resumed
     killed = tmp_path / "run-3-killed"
-    real_write_history = train.write_history
+    real_write_history = training.write_history
 
     def write_history_then_die(run_dir, history):
         real_write_history(run_dir, history)
         if len(history) == 2:
             raise _Killed
 
-    monkeypatch.setattr(train, "write_history", write_history_then_die)
+    monkeypatch.setattr(training, "write_history", write_history_then_die)
     with pytest.raises(_Killed):
         train.main([*flags, "--out", str(killed), "--epochs", "3"])
-    monkeypatch.setattr(train, "write_history", real_write_history)
+    monkeypatch.setattr(training, "write_history", real_write_history)
     assert (killed / "last").resolve().name == "last-0002"
     train.main([*flags, "--out", str(killed), "--epochs", "3", "--resume"])
 
