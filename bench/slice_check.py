@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json")
     args = p.parse_args(argv)
     folder = Path(args.checkpoints)
-    vqvae = VQVAE.load(folder / "vqvae")
-    prior = GatedPixelCNN.load(folder / "pixelcnn", vqvae=vqvae)
+    vqvae = VQVAE.from_pretrained(folder / "vqvae")
+    prior = GatedPixelCNN.from_pretrained(folder / "pixelcnn", vqvae=vqvae)
     val = data.load_split(args.data_dir, "val", args.split_seed)
     test = data.load_split(args.data_dir, "test", args.split_seed)
     limits = slicecheck.Limits(slicecheck.fit_limits(measure(vqvae, prior, val.images / np.float32(255), "val")),

@@ -205,13 +205,13 @@ class Detector:
         """Models from a checkpoints folder (vqvae/, pixelcnn/, anomaly/local/, anomaly/calibration.json);
         ``vqvae`` and ``prior`` given: use those (the demo's loaded models) with the folder's anomaly/ files."""
         folder = Path(folder)
-        vqvae = vqvae or VQVAE.load(folder / "vqvae")
+        vqvae = vqvae or VQVAE.from_pretrained(folder / "vqvae")
         if prior is None:
             if not (folder / "pixelcnn").is_dir():
                 raise AnomalyError(f"{str(folder)!r} has no pixelcnn/ prior: anomaly maps need the prior.")
-            prior = GatedPixelCNN.load(folder / "pixelcnn", vqvae=vqvae)
+            prior = GatedPixelCNN.from_pretrained(folder / "pixelcnn", vqvae=vqvae)
         local_dir, path = folder / ANOMALY_DIR / "local", folder / ANOMALY_DIR / CALIBRATION_NAME
-        local = GatedPixelCNN.load(local_dir, vqvae=vqvae) if local_dir.is_dir() else None
+        local = GatedPixelCNN.from_pretrained(local_dir, vqvae=vqvae) if local_dir.is_dir() else None
         calibration, problem = None, None
         if path.is_file():
             calibration = Calibration.load(path)
