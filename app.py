@@ -179,6 +179,9 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
     def model_info():
         return demo.describe_markdown(holder.bundle), _notice(holder)
 
+    def sampling_defaults():
+        return generation.start_settings(holder.bundle)
+
     def load(loader, what: str):
         try:
             generation.code_look(holder.replace(loader).vqvae)  # the live view's code shades, ready before use
@@ -361,9 +364,13 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
                              api_name="complete_upload", concurrency_limit=PRIOR_TOOL_CONCURRENCY)
 
         model_outputs = [models_status, models_info, notice]
-        hub_button.click(load_hub, [repo, revision], model_outputs, api_name="load_hub", concurrency_limit=1)
-        local_button.click(load_local, folder, model_outputs, api_name="load_local", concurrency_limit=1)
+        sampling_settings = [temperature, top_k, top_p]
+        hub_button.click(load_hub, [repo, revision], model_outputs, api_name="load_hub", concurrency_limit=1).then(
+            sampling_defaults, None, sampling_settings, api_name="sampling_after_hub", api_visibility="private")
+        local_button.click(load_local, folder, model_outputs, api_name="load_local", concurrency_limit=1).then(
+            sampling_defaults, None, sampling_settings, api_name="sampling_after_local", api_visibility="private")
         app.load(model_info, None, [models_info, notice], api_name="model_info")
+        app.load(sampling_defaults, None, sampling_settings, api_name="sampling_defaults")
     return app
 
 

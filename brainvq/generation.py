@@ -25,7 +25,7 @@ import torch
 
 from brainvq import data
 from brainvq.demo import GenerationError, require_bundle
-from brainvq.sampling import BatchSampler, Request, SampleProgress
+from brainvq.sampling import BatchSampler, Request, SampleProgress, default_settings
 from brainvq.visualize import to_uint8
 from brainvq.vqvae import VQVAE
 
@@ -64,6 +64,14 @@ def _as_float(value, problem: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise GenerationError(problem) from None
+
+
+def start_settings(bundle) -> tuple[float, int, float]:
+    """The Generate tab's starting temperature, top-k (0 = off) and top-p (1 = off): the defaults chosen on
+    validation for the loaded prior (its config's "sampling"), else plain sampling."""
+    chosen = default_settings(bundle.prior) if bundle is not None and bundle.prior is not None else {}
+    return (float(chosen.get("temperature", 1.0)), int(chosen.get("top_k") or 0),
+            float(chosen.get("top_p") or 1.0))
 
 
 def check_generation(n, temperature, top_k, top_p, seed, num_codes: int

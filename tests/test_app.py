@@ -35,15 +35,16 @@ from gradio_client.exceptions import AppError  # noqa: E402  (gradio.Error from 
 # ----------------------------------------------------------------------------- builders
 
 
-def save_tiny_bundle(folder: Path, seed: int, prior: bool = True) -> Path:
-    """A real (untrained) VQ-VAE + PixelCNN pair small enough to sample a 64x64 grid in well under a second."""
+def save_tiny_bundle(folder: Path, seed: int, prior: bool = True, sampling: dict | None = None) -> Path:
+    """A real (untrained) VQ-VAE + PixelCNN pair small enough to sample a 64x64 grid in well under a second;
+    ``sampling``: the prior's chosen sampling defaults (config.json's "sampling")."""
     torch.manual_seed(seed)
     vq = VQVAE(VQVAEConfig(num_codes=16, code_dim=8, widths=(8, 8), res_width=8, num_res_blocks=1)).eval()
     vq.save(folder / "vqvae", metrics={"val_ssim": 0.5 + seed / 100})
     if prior:
         net = GatedPixelCNN(PixelCNNConfig(num_codes=16, grid_size=64, channels=8, embed_dim=8, num_layers=2,
                                            pos_dim=2, head_channels=8))
-        net.save(folder / "pixelcnn", vq.fingerprint())
+        net.save(folder / "pixelcnn", vq.fingerprint(), **({"sampling": sampling} if sampling else {}))
     return folder
 
 
@@ -268,7 +269,7 @@ def served(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("app")
     checkpoints = save_tiny_bundle(root / "checkpoints", seed=0)
-    save_tiny_bundle(checkpoints / "other", seed=1)
+    save_tiny_bundle(checkpoints / "other", seed=1, sampling={"temperature": 0.9, "top_k": None, "top_p": 0.95})
     save_tiny_bundle(root / "outside", seed=2)
     data_dir = make_folder_tree(root / "data", per_class=2, test_count=6)
     with pytest.MonkeyPatch.context() as mp:
@@ -399,9 +400,12 @@ def test_app_models_tab(served):
     assert "codes (K) | 16" in info and "code grid | 64x64" in info and "Offline" in str(_notice)
     start = info
 
+    assert client.predict(api_name="/sampling_defaults") == (1.0, 0, 1.0)   # a prior without chosen defaults
+
     status, info, _ = client.predict(str(checkpoints / "other"), api_name="/load_local")
     assert status.startswith("**Loaded**") and "other" in info and info != start
     other = info
+    assert client.predict(api_name="/sampling_defaults") == (0.9, 0, 0.95)  # the Generate tab starts from these
 
     status, info, _ = client.predict(str(root / "outside"), api_name="/load_local")
     assert status.startswith("**Load failed:**") and "not inside an allowed checkpoint folder" in status
