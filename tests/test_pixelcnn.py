@@ -198,9 +198,7 @@ def shipped_config() -> PixelCNNConfig:
 
 
 @pytest.mark.parametrize("config", [
-    pytest.param(shipped_config, id="shipped", marks=pytest.mark.xfail(
-        strict=True, reason="the shipped prior predates the full-context architecture (10 layers, dilations to "
-                            "32); it reaches 25 rows. Remove this mark when that prior ships (issue 15).")),
+    pytest.param(shipped_config, id="shipped"),
     pytest.param(PixelCNNConfig, id="default")])
 def test_the_full_size_configuration_sees_the_whole_grid_above(config):
     """At full size (64x64 grid, K=512; the shipped checkpoint's arch and the default one), a logit on the last
