@@ -2,7 +2,7 @@
 
     python bench/choose_sampling.py --data-dir ../shared/data/alzheimer4class --json bench/results/choose_sampling.json
 
-For every (temperature, top-p) on a small grid: N samples with the selection seed, then the classifier
+For every (temperature, top-p) on a small grid (--temperatures, --top-ps): N samples with the selection seed, then the classifier
 two-sample test against real *validation* slices (bench/generation_quality.py --reference val). The setting
 with the lowest C2ST accuracy wins (ties: the higher temperature, then the larger top-p, i.e. the less
 truncation). It is written under ``"sampling"`` in the prior's config.json, with keys named like
@@ -35,12 +35,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--pixelcnn", default=str(generation_quality.ROOT / "checkpoints/pixelcnn"))
     p.add_argument("--data-dir")
     p.add_argument("--n", type=int, default=128, help="samples per setting (and real val slices per half)")
+    p.add_argument("--temperatures", default=",".join(map(str, TEMPERATURES)), help="comma-separated grid")
+    p.add_argument("--top-ps", default=",".join(map(str, TOP_PS)), help="comma-separated grid (1 = off)")
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=True,
                    help="store the winner in the prior's config.json")
     p.add_argument("--json")
     args = p.parse_args(argv)
     runs = []
-    for temperature, top_p in itertools.product(TEMPERATURES, TOP_PS):
+    grid = [tuple(float(v) for v in text.split(",")) for text in (args.temperatures, args.top_ps)]
+    for temperature, top_p in itertools.product(*grid):
         figures = generation_quality.main([
             "--vqvae", args.vqvae, "--pixelcnn", args.pixelcnn, *(["--data-dir", args.data_dir] if args.data_dir else []),
             "--n", str(args.n), "--reference", "val", "--no-controls", "--seed", str(SELECTION_SEED),
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.write:
         config = read_config(args.pixelcnn)
         atomic_write_json(Path(args.pixelcnn) / CONFIG_NAME, {**config, "sampling": chosen})
-    return write_report({"selection_seed": SELECTION_SEED, "n": args.n, "reference": "val", "runs": runs,
+    return write_report({"selection_seed": SELECTION_SEED, "n": args.n, "reference": "val",
+                         "grid": {"temperature": grid[0], "top_p": grid[1]}, "runs": runs,
                          "chosen": chosen, "written": bool(args.write)}, args.json)
 
 
