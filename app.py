@@ -133,22 +133,6 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
         except demo.DemoError as error:
             yield image, None, None, None, None, "", _problem("Cannot make the anomaly map", error)
 
-    def analyze_sample(key: str, kind: str, size: str, seed):
-        try:
-            image = samples.get(key).image
-        except demo.DemoError as error:
-            yield None, None, None, None, None, "", _problem("Cannot make the anomaly map", error)
-            return
-        yield from analyze(image, kind, size, seed)
-
-    def analyze_upload(path: str | None, kind: str, size: str, seed):
-        try:
-            image, _ = demo.prepare_upload(path, upload_root=gradio_utils.get_upload_folder())
-        except demo.DemoError as error:
-            yield None, None, None, None, None, "", _problem("Cannot use this upload", error)
-            return
-        yield from analyze(image, kind, size, seed)
-
     def next_seed(seed):
         return int(seed or 0) + 1     # a new lesion position
 
@@ -160,21 +144,29 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
         except demo.DemoError as error:
             yield None, None, [], _problem("Cannot complete", error)
 
-    def complete_sample(key: str, *settings):
-        try:
-            image = samples.get(key).image
-        except demo.DemoError as error:
-            yield None, None, [], _problem("Cannot complete", error)
-            return
-        yield from complete(image, *settings)
+    def sample_image(key: str):
+        return samples.get(key).image
 
-    def complete_upload(path: str | None, *settings):
-        try:
-            image, _ = demo.prepare_upload(path, upload_root=gradio_utils.get_upload_folder())
-        except demo.DemoError as error:
-            yield None, None, [], _problem("Cannot use this upload", error)
-            return
-        yield from complete(image, *settings)
+    def upload_image(path: str | None):
+        return demo.prepare_upload(path, upload_root=gradio_utils.get_upload_folder())[0]
+
+    def on_image(get_image, problem: str, failed: tuple, tool):
+        """A handler that gets its image (a sample key or an upload), then streams ``tool(image, *settings)``;
+        ``failed``: the outputs (before the message) when there is no image."""
+        def handler(source, *settings):
+            try:
+                image = get_image(source)
+            except demo.DemoError as error:
+                yield *failed, _problem(problem, error)
+                return
+            yield from tool(image, *settings)
+        return handler
+
+    no_map, no_completion = (None, None, None, None, None, ""), (None, None, [])
+    analyze_sample = on_image(sample_image, "Cannot make the anomaly map", no_map, analyze)
+    analyze_upload = on_image(upload_image, "Cannot use this upload", no_map, analyze)
+    complete_sample = on_image(sample_image, "Cannot complete", no_completion, complete)
+    complete_upload = on_image(upload_image, "Cannot use this upload", no_completion, complete)
 
     def model_info():
         return demo.describe_markdown(holder.bundle), _notice(holder)
