@@ -195,8 +195,8 @@ def reconstruct(bundle, slice_uint8: np.ndarray) -> Reconstruction:
         return result
     limits, result.check_note = slicecheck.limits_for(getattr(bundle, "folder", None), vqvae, bundle.prior)
     if limits is not None:
-        result.check = slicecheck.judge(slicecheck.features(vqvae, bundle.prior, x[:, 0].cpu().numpy())[0],
-                                        limits.limits)
+        row = slicecheck.features(vqvae, bundle.prior, x[:, 0].cpu().numpy(), encoded=(codes, recon))[0]
+        result.check = slicecheck.judge(row, limits.limits)
     return result
 
 

@@ -6,9 +6,10 @@ many callers share each step's fixed cost. Requests join at the start of a row a
 
 Randomness: a uniform number per position is drawn up front from the request's seed and turned into a code by
 inverse CDF, so a request's codes depend only on its seed, settings and the prior, never on what else is in the
-batch: each row of the batch is computed with the same arithmetic whatever the other rows hold. (Matrix
+batch: each row of the batch is computed with the same arithmetic whatever the other rows hold. (Small matrix
 products are row-independent in float32 once they have ``MIN_ROWS`` rows; smaller batches are padded to it.
-tests/test_sampling.py checks it bit for bit.)
+The vertical stack's large-K products run one per grid, batched, as the BLAS's kernel for one product over
+many rows depends on the row count. tests/test_sampling.py checks it bit for bit.)
 
 Two ways to get the logits, with identical codes for the same seed:
 
@@ -301,6 +302,36 @@ class BatchSampler:
         self.keeps = not bool(self.free.all())
 
 
+def _row_spans(requests: list[Request]) -> list[tuple[int, int, int]]:
+    """(first, stop, row) over the batch's grids: runs of consecutive requests at the same row."""
+    spans, start = [], 0
+    for r in requests:
+        if spans and spans[-1][2] == r.row:
+            spans[-1] = (spans[-1][0], start + r.n, r.row)
+        else:
+            spans.append((start, start + r.n, r.row))
+        start += r.n
+    return spans
+
+
+def _row_buffer(like: torch.Tensor, rows: int, width: int, channels: int, pad: int) -> torch.Tensor:
+    """A horizontal-stack row buffer: zeros in the left padding and the padding rows; the other columns are
+    written (step by step) before they are read, so they are left unset."""
+    out = like.new_empty(rows, width, channels)
+    out[:, :pad] = 0
+    out[len(like):] = 0
+    return out
+
+
+def _per_grid(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(B,W,K) @ (K,N) + bias as one matrix product per grid, batched. One product over all B*W rows would let
+    the BLAS pick its kernel (and so its rounding) by B when K is large; per grid it does not depend on B once
+    B >= 2, so batches are padded to two grids."""
+    batch = len(x)
+    x = _pad_rows(x, 2)
+    return torch.baddbmm(bias, x, weight_t.expand(len(x), -1, -1))[:batch]
+
+
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """``t`` with zero rows appended along dim 0 up to ``rows``."""
     return torch.cat([t, t.new_zeros(rows - len(t), *t.shape[1:])]) if len(t) < rows else t
@@ -359,7 +390,8 @@ class _FastLogits:
         with torch.no_grad():
             self.v_pos = [rows_last(layer.v_pos) for layer in self.layers]
             self.h_pos = [rows_last(layer.h_pos) for layer in self.layers]
-            self.v_layers = [((taps_last(layer.v_conv), layer.v_conv.bias), matrix(layer.link), matrix(layer.v_out))
+            self.v_layers = [((taps_last(layer.v_conv).t().contiguous(), layer.v_conv.bias), matrix(layer.link),
+                              matrix(layer.v_out))
                              for layer in self.layers]
             # the horizontal stack, looked up once per step: transposed weights for addmm, one per tap
             self.h_layers = []
@@ -379,7 +411,7 @@ class _FastLogits:
         stack, and empty horizontal row buffers."""
         width, batch = self.size, sum(r.n for r in requests)
         padded = max(batch, MIN_ROWS)
-        rows = torch.tensor([r.row for r in requests for _ in range(r.n)], device=self.device)
+        spans = _row_spans(requests)
         for r in requests:
             if not r.state:  # (n, rows kept, W, channels) per layer
                 r.state["rings"] = [torch.zeros(r.n, layer.rows if layer.first else layer.dilation, width,
@@ -402,15 +434,17 @@ class _FastLogits:
                     start += r.n
                 window = F.pad(torch.stack([above, current], 1), (0, 0, d, d))
                 taps = [window[:, k, c * d:c * d + width] for k in range(2) for c in range(3)]
-            v_pre = F.linear(torch.cat(taps, -1).view(batch * width, -1), *v_conv)
+            v_pre = _per_grid(torch.cat(taps, -1), *v_conv).view(batch * width, -1)
             link = (F.linear(v_pre, *link_conv) + self.h_bias[l]).view(batch, width, -1)
-            if self.v_pos[l] is not None:
-                v_pre = v_pre + self.v_pos[l][rows].view(batch * width, -1)
-                link = link + self.h_pos[l][rows]
+            if self.v_pos[l] is not None:  # each grid's row of the positional terms, added in place
+                grids = v_pre.view(batch, width, -1)
+                for start, stop, row in spans:
+                    grids[start:stop] += self.v_pos[l][row]
+                    link[start:stop] += self.h_pos[l][row]
             v_new = F.linear(gate(v_pre), *v_out).view(batch, width, -1)
             current = v_new if layer.first else current + v_new
             self.links.append(_pad_rows(link, padded))
-            self.h_src.append(current.new_zeros(padded, width + self.pad, layer.h_conv.in_channels))
+            self.h_src.append(_row_buffer(current, padded, width + self.pad, layer.h_conv.in_channels, self.pad))
 
     def logits(self, requests: list[Request], row_codes: torch.Tensor, j: int) -> torch.Tensor:
         col, h = self.pad + j, None

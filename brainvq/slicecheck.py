@@ -57,11 +57,15 @@ def ssim_in_box(recon: torch.Tensor, image: torch.Tensor, brain: np.ndarray) -> 
 
 
 @torch.no_grad()
-def features(vqvae, prior, images: np.ndarray) -> list[dict[str, float | None]]:
-    """The features of each float (256,256) slice of a batch; shape features are None without a brain."""
+def features(vqvae, prior, images: np.ndarray, encoded: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> list[dict[str, float | None]]:
+    """The features of each float (256,256) slice of a batch; shape features are None without a brain.
+    ``encoded``: the slices' (B,h,w) codes and (B,1,H,W) reconstruction when the caller has them already."""
     x = torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
-    codes = vqvae.encode(x)
-    recon = vqvae.decode(codes).clamp(0, 1).float()
+    if encoded is None:
+        codes = vqvae.encode(x)
+        encoded = codes, vqvae.decode(codes).clamp(0, 1).float()
+    codes, recon = (t.cpu() for t in encoded)
     nll = F.cross_entropy(prior(codes).float(), codes, reduction="none") / np.log(2)
     grid = codes.shape[-1]
     out = []

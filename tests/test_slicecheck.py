@@ -31,6 +31,18 @@ def test_features_of_a_brain_slice(checked):
     assert empty["area"] == 0 and empty["aspect"] is None and empty["bits"] > 0
 
 
+def test_features_reuse_the_callers_encoding(checked):
+    """The Reconstruct tab passes the codes and reconstruction it has: the features are those computed afresh."""
+    import torch
+
+    x = slices(2, seed=301)
+    with torch.no_grad():
+        codes = checked.vqvae.encode(torch.from_numpy(x)[:, None])
+        recon = checked.vqvae.decode(codes).clamp(0, 1).float()
+    assert slicecheck.features(checked.vqvae, checked.prior, x, encoded=(codes, recon)) == \
+        slicecheck.features(checked.vqvae, checked.prior, x)
+
+
 def test_fit_limits_widens_the_validation_range():
     rows = [dict.fromkeys(slicecheck.FEATURES, float(v)) for v in range(201)]   # 0..200: 1st to 199th percentile
     low, high = slicecheck.fit_limits(rows)["area"]
