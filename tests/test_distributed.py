@@ -11,16 +11,19 @@ Tolerances, and why they still catch a real divergence:
 
 * PixelCNN weights: rtol 1e-5, atol 1e-6. Training on fixed codes is smooth, rounding stays rounding: after
   18 steps the runs differ by <= 6e-8.
-* VQ-VAE network weights: rtol 1e-4, atol 1e-5; codebook: atol 1e-3; EMA counts and sums: atol 0.2.
-  Nearest-code assignment is discrete: a row whose two nearest codes are equally far *to float rounding*
-  (gap ~1e-7) can go to either, and then it moves 1 % (1 - decay) of a count and of a row between two codes
-  (measured on these 18 steps: 3 such rows of 18,432, codebook 3.5e-5 apart, weights <= 2e-6). The bounds
-  allow ~20 such rows. Images are uniform noise for this reason: the slices of ``helpers.make_folder_tree``
-  have flat black margins and dim backgrounds, where a freshly initialised encoder gives near-identical rows and
-  codes start within 1e-5 of each other, so rows tie from step 2 on and the comparison would measure the
-  model's sensitivity, not DDP. A real bug is far outside the bounds: the previous DDP code (codebook draws
-  from rank 0 only, a different shuffle per world size) ends these 2 epochs with weights 1e-2 apart, codebook
-  3.6e-2 and EMA counts 40.
+* VQ-VAE: the relative L2 distance ``|two - one| / |one|`` of the network weights taken together, of the
+  codebook, and of the EMA counts and sums. Rounding does not stay rounding here: Adam divides by sqrt(v), so a
+  near-zero gradient whose sign the reordering flips moves its weight by a whole lr step, and nearest-code
+  assignment is discrete (a row two codes tie for, to float rounding, goes to either and moves 1 % of a count).
+  How far that carries depends on the CPU's kernels: on an AVX-512 host one weight of 1,024 ends 1.08e-3 apart
+  and an EMA count 0.33 apart, so element-wise bounds are a guess at the host. Measured on these 2 epochs
+  (AVX-512/AMX Xeon): rounding gives 5.0e-4 (network), 2.3e-4 (codebook), 6.8e-3 (EMA); the bounds are 5e-3,
+  5e-3 and 5e-2. A real bug is far outside them: DDP left out (no gradient averaging) gives 3.1e-2, 2.1e-2 and
+  0.40, and the previous DDP code (codebook draws from rank 0 only, a different shuffle per world size) ends
+  with weights 1e-2 apart, codebook 3.6e-2 and EMA counts 40.
+  Images are uniform noise: the slices of ``helpers.make_folder_tree`` have flat black margins and dim
+  backgrounds, where a freshly initialised encoder gives near-identical rows and codes start within 1e-5 of each
+  other, so rows tie from step 2 on and the comparison would measure the model's sensitivity, not DDP.
 * Resume under torchrun: bit-identical. Interrupted after epoch 1 (``--epochs 1``; epoch 1's learning rate,
   lr_at(0), is ``--lr`` whatever ``--epochs``) and resumed with ``--epochs 2`` at the same world size, the run
   restores weights, codebook buffers, Adam state and the CPU RNG (which the codebook draws use), so it repeats
@@ -164,24 +167,29 @@ def test_single_process_order_is_unchanged_from_random_sampler():
 def test_vqvae_two_processes_match_one_process(runs):
     one, two = weights(runs["vq1"][0]), weights(runs["vq2"][0])
     assert one.keys() == two.keys()
-    tolerances = {"quantizer.codebook": (0.0, 1e-3), "quantizer.ema_count": (0.0, 0.2),
-                  "quantizer.ema_sum": (0.0, 0.2)}
+    groups: dict[str, list[str]] = {"network": [], "quantizer.codebook": [], "quantizer.ema": []}
     for name, tensor in one.items():
         if not tensor.dtype.is_floating_point:
             assert torch.equal(tensor, two[name]), name
-            continue
-        # All-reduce sums gradients in another order, and the float32 convolutions' order depends on the thread
-        # count; Adam divides by sqrt(v), so on near-zero gradients that reordering moves a weight by part of
-        # one lr step (seen: 1.3e-5 to 1.5e-4). A real DDP bug moves weights by whole steps (lr 1e-3) or more.
-        rtol, atol = tolerances.get(name, (1e-4, 1e-3))
-        torch.testing.assert_close(two[name], tensor, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
-    # The metrics are all-reduced: rank 0 reports the global numbers one process reports.
+        else:
+            groups[next((g for g in groups if name.startswith(g)), "network")].append(name)
+    bounds = {"network": 5e-3, "quantizer.codebook": 5e-3, "quantizer.ema": 5e-2}  # see the module docstring
+    for group, names in groups.items():
+        a = torch.cat([one[n].flatten() for n in names])
+        b = torch.cat([two[n].flatten() for n in names])
+        distance = ((b - a).norm() / a.norm()).item()
+        assert distance <= bounds[group], f"{group}: relative L2 distance {distance:.2e} > {bounds[group]:.0e}"
+    # The metrics are all-reduced: rank 0 reports the global numbers one process reports. Measured (rounding vs
+    # DDP left out): losses 1.5e-6 vs 2.5e-5 relative; SSIM (about 0.011 on noise) 1.3e-6 vs 3.2e-5 absolute;
+    # perplexity 1.4e-2 vs 0.57 relative.
     for a, b in zip(history(runs["vq1"][0]), history(runs["vq2"][0]), strict=True):
         assert a["epoch"] == b["epoch"] and a["lr"] == b["lr"]
-        for key in ("train_loss", "train_ssim", "val_loss", "val_ssim"):
+        for key in ("train_loss", "val_loss"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
+        for key in ("train_ssim", "val_ssim"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key
         assert abs(a["codes_used"] - b["codes_used"]) <= 1
-        assert b["perplexity"] == pytest.approx(a["perplexity"], rel=1e-2)
+        assert b["perplexity"] == pytest.approx(a["perplexity"], rel=5e-2)
 
 
 def test_pixelcnn_two_processes_match_one_process(runs):
