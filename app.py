@@ -258,7 +258,10 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
             with gr.Tab("Anomaly", id="anomaly"):
                 gr.Markdown("Where does a slice differ from what the models expect? Pick a slice or upload one, "
                             "optionally add a synthetic lesion, and compare the prior's likelihood, a restoration "
-                            "(the unlikely codes resampled) and the anomaly map (brainvq/anomaly.py).")
+                            "(the unlikely codes resampled) and the anomaly map (brainvq/anomaly.py). A research "
+                            "view, not a detector: on synthetic lesions in test slices it locates them somewhat "
+                            "better than the reconstruction error alone, tells lesioned from clean slices less "
+                            "well, and misses smooth deformations (README, \"The prior as a tool\").")
                 anomaly_key, anomaly_button, anomaly_file = slice_source("anomaly", "Analyze slice")
                 with gr.Row():
                     lesion_kind = gr.Radio(["none", *lesions.KINDS], value="none", scale=3, elem_id="lesion-kind",
