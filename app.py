@@ -78,7 +78,8 @@ def build_app(settings: Settings, holder: demo.ModelHolder | None = None, sample
               generator: generation.Generator | None = None) -> gr.Blocks:
     holder = holder or startup_models(settings)
     samples = samples or demo.load_samples(settings.data_dir)
-    generator = generator or generation.Generator()
+    generator = generator or generation.Generator(threads=settings.threads)
+    generator.start()  # the sampler process imports torch now, not when the first user presses Generate
     if holder.bundle is not None:
         generation.code_look(holder.bundle.vqvae)
     roots = settings.allowed_roots()
@@ -402,8 +403,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--host", default=None, help="address to listen on (default $GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per task (default 1: the sampler, the live view and reconstructions then "
-                             "run side by side, one core each, instead of fighting over the cores)")
+                        help="torch threads per task (default 1: the sampler process, the live view and reconstructions "
+                             "then run side by side, one core each, instead of fighting over the cores)")
     args = parser.parse_args(argv)
     return Settings(args.data_dir, args.hub_repo, args.revision, args.checkpoints, args.allow_dir, args.offline,
                     args.host, args.port, args.threads)

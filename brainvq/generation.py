@@ -1,12 +1,13 @@
 """What the Generate tab runs: one sampling loop shared by every user, and the live view of grids filling in.
 
-Every Generate request joins the batched sampler of its prior (``brainvq.sampling.BatchSampler``), stepped by
-one background thread, so that many users share each step's fixed cost; each request's codes are still exactly
-those it would get alone. Each request streams only its own frames: its code grids so far, every code drawn
-in the brightness of the patch it decodes to, beside the grids decoded with a neutral code (the background's)
-where nothing is sampled yet, so the brain appears row by row. One render thread draws every frame from the
-newest grids, so drawing never takes more than one core from the sampler, and frames come less often when
-drawing them all would keep that thread busy more than ``RENDER_SHARE`` of the time.
+Every Generate request joins the batched sampler of its prior (``brainvq.sampling.BatchSampler``), which runs
+in a process of its own (``brainvq.sampler_process``: there no other thread competes with it for Python's GIL),
+so that many users share each step's fixed cost; each request's codes are still exactly those it would get
+alone. Each request streams only its own frames: its code grids so far, every code drawn in the brightness of
+the patch it decodes to, beside the grids decoded with a neutral code (the background's) where nothing is
+sampled yet, so the brain appears row by row. One render thread draws every frame from the newest grids, so
+drawing never takes more than one core, and frames come less often when drawing them all would keep that
+thread busy more than ``RENDER_SHARE`` of the time.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import asyncio
 import math
 import threading
 import time
-import traceback
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,7 +25,8 @@ import torch
 
 from brainvq import data
 from brainvq.demo import GenerationError, require_bundle
-from brainvq.sampling import BatchSampler, Request, SampleProgress, default_settings
+from brainvq.sampler_process import SamplerProcess
+from brainvq.sampling import SampleProgress, default_settings
 from brainvq.visualize import to_uint8
 from brainvq.vqvae import VQVAE
 
@@ -237,23 +238,46 @@ class GenerationFrame:
         return f"Sampling codes… {self.filled:,} of {self.total:,} positions ({100 * self.filled // self.total}%)"
 
 
-class Job:
-    """One request in the shared loop, and the newest grids it has not shown yet."""
+class Ticket:
+    """The app's copy of one request in the sampler process: its grids so far, filled in a row at a time."""
 
-    def __init__(self, request: Request, sampler: BatchSampler, bundle, session: str | None):
-        self.request, self.sampler, self.bundle, self.session = request, sampler, bundle, session
+    def __init__(self, n: int, seed: int, size: int):
+        self.n, self.seed, self.size = n, seed, size
+        self.codes = torch.full((n, size, size), -1, dtype=torch.long)
+        self.filled = 0
+        self.started = self.cancelled = False
+
+    @property
+    def total(self) -> int:
+        return self.size * self.size
+
+    @property
+    def done(self) -> bool:
+        return self.filled == self.total
+
+    def progress(self) -> SampleProgress:
+        return SampleProgress(self.codes.clone(), self.filled, self.total)
+
+
+class Job:
+    """One request of the shared loop, and the newest grids it has not shown yet."""
+
+    def __init__(self, request: Ticket, generator: "Generator", bundle, session: str | None):
+        self.request, self.generator, self.bundle, self.session = request, generator, bundle, session
+        self.ident = self.child = 0               # its id and child in the sampler process
         self.frames = 0                           # frames posted
-        self.next_frame = 0.0                     # monotonic time from which the loop sends a new frame
+        self.next_frame = 0.0                     # monotonic time from which a new frame is sent
         self.decoder: LiveDecoder | None = None   # made by the render thread
         self.error: str | None = None             # why the loop could not finish it
+        self.ended = False                        # its last frame is posted
         self._latest: tuple[int, SampleProgress | None, bool] = (0, None, False)  # (count, grids, finished)
         self._taken = 0
         self._loop = asyncio.get_running_loop()
         self._ready = asyncio.Event()
 
-    def post(self, progress: SampleProgress, finished: bool = False) -> None:
-        """From the loop's thread: the newest grids (replacing any not taken yet); ``finished``: the last."""
-        self._latest = (self._latest[0] + 1, progress, finished)  # one assignment: read whole or not at all
+    def post(self, finished: bool = False) -> None:
+        """From any thread: the request's grids now (replacing any not taken yet); ``finished``: the last."""
+        self._latest = (self._latest[0] + 1, self.request.progress(), finished)  # read whole or not at all
         self.frames += 1
         try:
             self._loop.call_soon_threadsafe(self._ready.set)
@@ -269,25 +293,39 @@ class Job:
         return progress, finished
 
     def stop(self) -> None:
-        self.sampler.cancel(self.request)
+        if not (self.ended or self.request.cancelled):
+            self.request.cancelled = True
+            self.generator.process.cancel(self.ident)
 
 
 class Generator:
-    """The shared sampling loop: one thread steps one ``BatchSampler`` per prior and posts each request's grids
-    at most every ``frame_seconds``, less often when drawing every request's frames would keep the render
-    thread busy more than ``render_share`` of the time, and once more when it ends."""
+    """The shared sampling loop: one ``SamplerProcess`` samples every request; as its rows come back, each
+    request gets a frame at most every ``frame_seconds``, less often when drawing every request's frames would
+    keep the render thread busy more than ``render_share`` of the time, and a last one when it ends."""
 
     def __init__(self, frame_seconds: float = FRAME_SECONDS, render_share: float = RENDER_SHARE,
-                 max_grids: int = MAX_GRIDS):
-        self.frame_seconds, self.render_share, self.max_grids = frame_seconds, render_share, max_grids
+                 max_grids: int = MAX_GRIDS, threads: int = 1):
+        self.frame_seconds, self.render_share = frame_seconds, render_share
         self.render_seconds = 0.0                 # time to draw a frame, a running average
-        self.jobs: list[Job] = []
-        self.positions = 0                        # positions sampled by this loop, for anyone watching it
-        self._samplers: dict[int, BatchSampler] = {}
+        self.positions = 0                        # positions sampled so far, for anyone watching
+        self.process = SamplerProcess(self._on_message, self._on_exit, threads, max_grids)
+        self._jobs: dict[int, Job] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
         self._render = ThreadPoolExecutor(1, thread_name_prefix="brainvq-render")
+
+    @property
+    def jobs(self) -> list[Job]:
+        """The requests not ended yet."""
+        with self._lock:
+            return list(self._jobs.values())
+
+    def start(self) -> None:
+        """Start the sampler process now, so that the first request does not wait for it."""
+        self.process.start()
+
+    def close(self) -> None:
+        """End the sampler process (its requests end with an error); a later request starts a new one."""
+        self.process.close()
 
     def submit(self, bundle, n, temperature, top_k, top_p, seed, session: str | None = None) -> Job:
         """Validate the settings and queue a request (call from the event loop the frames go to)."""
@@ -297,66 +335,61 @@ class Generator:
                                   "with a pixelcnn/ folder in the Models tab; Reconstruct still works.")
         n, temperature, top_k, top_p, seed = check_generation(n, temperature, top_k, top_p, seed,
                                                               bundle.vqvae.cfg.num_codes)
-        with self._lock:
-            sampler = self._samplers.get(id(bundle.prior))
-            if sampler is None or sampler.prior is not bundle.prior:
-                sampler = self._samplers[id(bundle.prior)] = BatchSampler(bundle.prior, max_grids=self.max_grids)
-            job = Job(sampler.add(n, temperature, top_k, top_p, seed), sampler, bundle, session)
-            self.jobs.append(job)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="brainvq-sampler", daemon=True)
-                self._thread.start()
-        self._wake.set()
+        job = Job(Ticket(n, seed, bundle.prior.cfg.grid_size), self, bundle, session)
+        with self._lock:  # registered before the sampler process can answer about it
+            job.child, job.ident = self.process.add(bundle.prior, n, temperature, top_k, top_p, seed)
+            self._jobs[job.ident] = job
         return job
 
     def stop_session(self, session: str) -> int:
         """Stop every request of one browser session; returns how many."""
-        with self._lock:
-            jobs = [job for job in self.jobs if job.session == session]
+        jobs = [job for job in self.jobs if job.session == session]
         for job in jobs:
             job.stop()
         return len(jobs)
 
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                samplers = [s for s in self._samplers.values() if s.busy]
-                jobs = list(self.jobs)
-            if not jobs:
-                self._wake.wait()
-                self._wake.clear()
-                continue
-            for sampler in samplers:
-                try:
-                    self.positions += sum(r.n for r in sampler.step())
-                except Exception as error:  # noqa: BLE001 - end its requests with the reason, keep serving the others
-                    traceback.print_exc()
-                    for job in jobs:
-                        if job.sampler is sampler:
-                            job.error = f"sampling failed ({type(error).__name__}: {error})"
-                            job.stop()
-                    with self._lock:
-                        self._samplers = {k: v for k, v in self._samplers.items() if v is not sampler}
-            now = time.monotonic()
-            interval = max(self.frame_seconds, len(jobs) * self.render_seconds / self.render_share)
-            ended = []
-            for job in jobs:
-                request = job.request
-                if request.done or request.cancelled:
-                    job.post(request.progress() if job.error else job.sampler.progress(request), finished=True)
-                    ended.append(job)
-                elif job.frames == 0 and request.started:  # at once, as it starts: nothing to decode yet
-                    job.post(request.progress())
-                elif (job.frames == 1 and request.filled >= request.size  # its first row, as soon as done
-                      or job.frames > 1 and now >= job.next_frame):
-                    job.post(job.sampler.progress(request))
-                    job.next_frame = now + interval
-            if ended:
-                with self._lock:
-                    self.jobs = [job for job in self.jobs if job not in ended]
-                    for key, sampler in list(self._samplers.items()):
-                        if not sampler.busy and not any(job.sampler is sampler for job in self.jobs):
-                            del self._samplers[key]
+    def _on_message(self, message: tuple) -> None:
+        """From the listener thread: what the sampler process reports (see brainvq.sampler_process)."""
+        kind, self.positions, *args = message
+        with self._lock:
+            if kind == "started":
+                for job in filter(None, map(self._jobs.get, args[0])):
+                    job.request.started = True
+                    job.post()                   # at once: nothing to decode yet
+            elif kind == "rows":
+                now = time.monotonic()
+                interval = max(self.frame_seconds, len(self._jobs) * self.render_seconds / self.render_share)
+                for ident, row, codes in args[0]:
+                    job = self._jobs.get(ident)
+                    if job is None:
+                        continue
+                    job.request.codes[:, row] = torch.from_numpy(codes)
+                    job.request.filled = (row + 1) * job.request.size
+                    if job.request.done:
+                        self._end(job)
+                    elif job.frames == 1 or now >= job.next_frame:   # its first row as soon as done
+                        job.post()
+                        job.next_frame = now + interval
+            elif kind == "stopped":
+                ident, filled, row, codes = args
+                if (job := self._jobs.get(ident)) is not None:
+                    job.request.codes[:, row] = torch.from_numpy(codes)
+                    job.request.filled = filled
+                    self._end(job)
+            elif kind == "failed":
+                for job in filter(None, map(self._jobs.get, args[0])):
+                    self._end(job, f"sampling failed ({args[1]})")
+
+    def _on_exit(self, code: int, child: int) -> None:
+        with self._lock:
+            for job in [job for job in self._jobs.values() if job.child == child]:
+                self._end(job, f"the sampler process ended (exit code {code})")
+
+    def _end(self, job: Job, error: str | None = None) -> None:
+        """(Under the lock.) Its last frame; it leaves the loop."""
+        job.error, job.ended = error, True
+        del self._jobs[job.ident]
+        job.post(finished=True)
 
     async def stream(self, bundle, n, temperature, top_k, top_p, seed,
                      session: str | None = None) -> AsyncIterator[GenerationFrame]:

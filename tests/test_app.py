@@ -287,6 +287,7 @@ def served(tmp_path_factory):
                    "mp": mp, "generator": generator}
         finally:
             blocks.close()
+            generator.close()
 
 
 def read(path) -> np.ndarray:

@@ -72,6 +72,7 @@ def page(tmp_path_factory):
                     browser.close()
         finally:
             blocks.close()
+            generator.close()
 
 
 def open_tab(page, name: str) -> None:

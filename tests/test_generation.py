@@ -3,13 +3,18 @@ on real tiny models (the app over HTTP is in test_app.py, in a browser in test_b
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import math
+from multiprocessing import Pipe
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 from brainvq import demo, generation, hub
+from brainvq.sampler_process import SamplerServer
 from brainvq.sampling import sample, sample_codes
 from brainvq.vqvae import VQVAE, VQVAEConfig
 from test_app import save_tiny_bundle
@@ -20,7 +25,16 @@ def bundle(tmp_path_factory):
     return hub.load_bundle(save_tiny_bundle(tmp_path_factory.mktemp("bundle") / "b", seed=0))
 
 
-def test_settings_are_checked(bundle, tmp_path):
+@pytest.fixture
+def make_generator():
+    """``generation.Generator(**settings)``, its sampler process ended after the test."""
+    made = []
+    yield lambda **settings: made.append(generation.Generator(**settings)) or made[-1]
+    for generator in made:
+        generator.close()
+
+
+def test_settings_are_checked(bundle, tmp_path, make_generator):
     assert generation.check_generation(16, 0.5, 0, 1.0, 7, 16) == (16, 0.5, None, None, 7)
     assert generation.check_generation(1, 1, 3, 0.9, 0, 16) == (1, 1.0, 3, 0.9, 0)
     for args, phrase in [((0, 1, 0, 1, 0), "between 1 and 16"), ((17, 1, 0, 1, 0), "between 1 and 16"),
@@ -34,7 +48,7 @@ def test_settings_are_checked(bundle, tmp_path):
     no_prior = hub.load_bundle(save_tiny_bundle(tmp_path / "vq-only", seed=0, prior=False))
 
     async def first(b):
-        return await generation.Generator().stream(b, 1, 1.0, 0, 1.0, 0).__anext__()
+        return await make_generator().stream(b, 1, 1.0, 0, 1.0, 0).__anext__()
 
     with pytest.raises(demo.GenerationError, match="no PixelCNN prior"):
         asyncio.run(first(no_prior))
@@ -91,12 +105,12 @@ async def collect(stream, frames: list, started: asyncio.Event | None = None) ->
     return frames
 
 
-def test_streams_share_one_sampler_and_get_the_codes_of_sampling_alone(bundle):
+def test_streams_share_one_sampler_and_get_the_codes_of_sampling_alone(bundle, make_generator):
     """Three requests with their own settings, one joining mid-run, and a fourth stopped mid-run: each
     finished one gets exactly the codes it gets alone, the stopped one ends with a "Stopped at" frame."""
     prior = bundle.prior
     settings = {"a": (2, 1.0, 0, 1.0, 1), "b": (1, 0.7, 5, 0.9, 2), "late": (3, 1.2, 0, 0.8, 3), "stop": (1, 1.0, 0, 1.0, 4)}
-    generator = generation.Generator(frame_seconds=0.2, render_share=1.0)
+    generator = make_generator(frame_seconds=0.2, render_share=1.0)
 
     async def main():
         frames = {name: [] for name in settings}
@@ -128,8 +142,8 @@ def test_streams_share_one_sampler_and_get_the_codes_of_sampling_alone(bundle):
     assert generator.jobs == [] and generator.positions == 4096 * (2 + 1 + 3) + stopped.filled
 
 
-def test_closing_a_stream_stops_its_request(bundle):
-    generator = generation.Generator(frame_seconds=0.05, render_share=1.0)
+def test_closing_a_stream_stops_its_request(bundle, make_generator):
+    generator = make_generator(frame_seconds=0.05, render_share=1.0)
 
     async def main():
         stream = generator.stream(bundle, 4, 1.0, 0, 1.0, 0)
@@ -148,9 +162,9 @@ def test_closing_a_stream_stops_its_request(bundle):
     assert generator.positions == positions < 4 * 4096
 
 
-def test_every_frame_shows_the_grid_sampled_so_far(bundle):
+def test_every_frame_shows_the_grid_sampled_so_far(bundle, make_generator):
     """The frames' codes are prefixes of the finished grids, shown beside their shades and decodes."""
-    generator = generation.Generator(frame_seconds=0.2, render_share=1.0)
+    generator = make_generator(frame_seconds=0.2, render_share=1.0)
     frames = asyncio.run(collect(generator.stream(bundle, 5, 1.0, 0, 1.0, 9), []))
     assert len(frames) >= 3
     final = frames[-1].codes.reshape(5, -1)
@@ -162,22 +176,60 @@ def test_every_frame_shows_the_grid_sampled_so_far(bundle):
     assert np.array_equal(progress.codes.numpy(), frames[-1].codes)
 
 
-def test_a_failing_sampler_ends_its_streams_with_a_clear_error(bundle):
-    generator = generation.Generator(frame_seconds=0.05, render_share=1.0)
+def test_a_sampler_process_that_dies_ends_its_streams_with_a_clear_error(bundle, make_generator):
+    generator = make_generator(frame_seconds=0.05, render_share=1.0)
 
     async def main():
-        stream = generator.stream(bundle, 1, 1.0, 0, 1.0, 0)
+        stream = generator.stream(bundle, 4, 1.0, 0, 1.0, 0)
         await stream.__anext__()
-        sampler = generator.jobs[0].sampler
-
-        def broken():
-            raise RuntimeError("out of memory")
-
-        sampler.step = broken
-        with pytest.raises(demo.GenerationError, match="sampling failed .RuntimeError: out of memory"):
+        generator.process.proc.kill()          # as the kernel's OOM killer would
+        with pytest.raises(demo.GenerationError, match=r"sampler process ended \(exit code -9\)\. Please try again"):
             async for _ in stream:
                 pass
-        return await collect(generator.stream(bundle, 1, 1.0, 0, 1.0, 1), [])   # a new request still works
+        return await collect(generator.stream(bundle, 1, 1.0, 0, 1.0, 1), [])   # a new process serves the next
 
     frames = asyncio.run(main())
-    assert frames[-1].done
+    assert frames[-1].done and generator.process.child == 2 and generator.jobs == []
+
+
+def test_a_prior_the_sampler_cannot_set_up_fails_only_its_own_requests(bundle, make_generator):
+    broken = copy.deepcopy(bundle.prior)
+    broken.head[-1].weight = torch.nn.Parameter(torch.zeros(3, 8, 1, 1))   # no longer fits its own config
+    generator = make_generator(frame_seconds=0.05, render_share=1.0)
+
+    async def main():
+        good = asyncio.create_task(collect(generator.stream(bundle, 1, 1.0, 0, 1.0, 0), []))
+        with pytest.raises(demo.GenerationError, match="the prior could not be set up .RuntimeError: Error"):
+            await collect(generator.stream(dataclasses.replace(bundle, prior=broken), 1, 1.0, 0, 1.0, 0), [])
+        return await good
+
+    assert asyncio.run(main())[-1].done
+
+
+def test_a_failing_step_ends_that_priors_requests_and_the_server_goes_on(bundle):
+    """The sampler process's loop, run here: a step that raises fails its prior's requests with the reason."""
+    to_server, from_test = Pipe(duplex=False)
+    from_server, to_test = Pipe(duplex=False)
+    server = SamplerServer(to_server, to_test, max_grids=None)
+    weights = safetensors.torch.save(bundle.prior.state_dict())
+    from_test.send(("prior", 1, bundle.prior.checkpoint_config(), weights))
+    from_test.send(("add", 2, 1, 1, 1.0, None, None, 0))
+    from_test.send(("add", 3, 1, 2, 1.0, None, None, 1))
+    server.read(block=False)
+    sampler = server.samplers[1]
+    server.step(1, sampler)
+    assert from_server.recv() == ("started", 3, [2, 3])    # 3 positions sampled: one per grid
+
+    def broken():
+        raise RuntimeError("out of memory")
+
+    sampler.step = broken
+    server.step(1, sampler)
+    assert from_server.recv() == ("failed", 3, [2, 3], "RuntimeError: out of memory")
+    assert server.requests == {} and server.samplers == {} and server.announced == set()
+    from_test.send(("add", 4, 1, 1, 1.0, None, None, 0))   # the prior is still there: a new sampler serves it
+    server.read(block=False)
+    while 4 in server.requests:
+        server.step(1, server.samplers[1])
+    kinds = [from_server.recv()[0] for _ in range(1 + 64)]
+    assert kinds == ["started"] + ["rows"] * 64 and not from_server.poll()
