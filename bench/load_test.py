@@ -14,7 +14,8 @@ send a /reconstruct_sample request every ``--reconstruct-every`` seconds (or as 
 answered, if later) until every generation of the round has finished. Every answer is
 checked (a finished generation with its decoded images; an SSIM in (0, 1] and the images of a reconstruction).
 
-Reports, over every round (nearest-rank percentiles): the time from submit to the first streamed frame (a
+Reports, over every round's answers together (nearest-rank percentiles), and each round's p95 with their median
+over rounds: the time from submit to the first streamed frame (a
 partly filled grid, possibly still empty), to the first frame with sampled codes and to the finished samples,
 the reconstruction latency while generations ran, errors (with examples), and the server's resident memory
 (VmRSS) idle, after warm-up, at the end and its peak (VmHWM, and the highest 0.25 s sample), from /proc (psutil
@@ -30,6 +31,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -362,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
         watcher.start()
         load_before = [round(x, 2) for x in os.getloadavg()]  # the machine's other work (1, 5, 15 min)
         began, server_cpu, client_cpu = time.perf_counter(), server.cpu_s(), sum(os.times()[:2])
+        marks = [{kind: 0 for kind in recorder.latencies}]   # answers recorded before each round and after the last
         for round_ in range(args.rounds):
             start, done = threading.Barrier(args.users + args.reconstructors + 1), threading.Event()
             users = [threading.Thread(target=generator_user, daemon=True, args=(
@@ -378,6 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
             done.set()
             for thread in others:
                 thread.join(args.request_timeout + 60)
+            marks.append({kind: len(values) for kind, values in recorder.latencies.items()})
             done = len(recorder.latencies["generate"])
             print(f"round {round_ + 1}: {done} generations done so far, {sum(recorder.errors.values())} errors",
                   file=sys.stderr)
@@ -396,6 +400,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     errors = sum(recorder.errors.values())
     latency = {kind: percentiles(values) for kind, values in recorder.latencies.items()}
+    per_round = {kind: [percentiles(values[a[kind]:b[kind]])["p95"] for a, b in zip(marks, marks[1:])]
+                 for kind, values in recorder.latencies.items()}
+    median_p95 = {kind: statistics.median(p95s) if None not in p95s else None for kind, p95s in per_round.items()}
     result = {
         "users": args.users, "samples_per_user": args.samples, "rounds": args.rounds,
         "reconstructors": args.reconstructors, "reconstruct_every_s": args.reconstruct_every,
@@ -403,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_cores": os.cpu_count(), "startup_s": round(startup_s, 2), "duration_s": round(duration, 1),
         "cpu_s": {"server": round(server_cpu, 1), "clients": round(client_cpu, 1)},
         "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "latency_s": latency, "errors": errors, "errors_by_kind": recorder.errors,
+        "latency_s": latency, "p95_per_round_s": per_round, "median_of_round_p95_s": median_p95, "errors": errors, "errors_by_kind": recorder.errors,
         "error_examples": recorder.examples, "server_alive_after": alive,
         "server_rss_mb": {"idle": round(idle, 1), "after_warmup": round(warm, 1), "after": round(memory["rss"], 1),
                           "peak_sampled": round(max(rss_samples, default=warm), 1),

@@ -41,7 +41,7 @@ from scipy import ndimage
 from brainvq import data
 from brainvq.io import atomic_write_bytes, atomic_write_json
 from brainvq.lesions import brain_mask
-from brainvq.pixelcnn import GatedPixelCNN
+from brainvq.pixelcnn import GatedPixelCNN, code_nll
 from brainvq.sampling import BatchSampler
 from brainvq.vqvae import VQVAE
 
@@ -258,7 +258,7 @@ class Detector:
         if "surprise" in names:
             raw["surprise"] = to_pixels(surprise, size, settings.sigma["surprise"])
         if "ratio" in names:
-            local_nll = F.cross_entropy(self.local(codes).float(), codes, reduction="none").cpu() / LN2
+            local_nll = code_nll(self.local(codes), codes).cpu() / LN2
             raw["ratio"] = to_pixels(nll - local_nll, size, settings.sigma["ratio"])
         restored = None
         if "restoration" in names:

@@ -15,7 +15,7 @@ from PIL import Image
 from brainvq import data
 from brainvq.io import write_report
 from brainvq.metrics import code_histogram, entropy_bits, nats_to_bits, perplexity, psnr, ssim
-from brainvq.pixelcnn import GatedPixelCNN
+from brainvq.pixelcnn import GatedPixelCNN, code_nll
 from brainvq.vqvae import VQVAE, encode_array
 
 
@@ -77,7 +77,7 @@ def evaluate_prior(prior: GatedPixelCNN, test_codes: torch.Tensor, train_codes: 
     for start in range(0, len(test_codes), batch_size):
         batch = test_codes[start:start + batch_size]
         logits = prior(batch)
-        per_code = torch.nn.functional.cross_entropy(logits, batch, reduction="none")
+        per_code = code_nll(logits, batch)
         nll += float(per_code.sum())
         nll_area += float(per_code[test_area[start:start + batch_size]].sum())
         correct += float((logits.argmax(1) == batch).sum())

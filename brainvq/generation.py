@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
 import numpy as np
@@ -109,6 +109,8 @@ class CodeLook:
     neutral: int           # the code of a black background, away from the frame's edges
     reach: int             # decoded pixels of code row r depend on code rows r - reach .. r + reach
     blank: torch.Tensor    # (1,1,H,W) a grid of neutral codes, decoded
+    grid: int              # code positions per side
+    _empty_views: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     @classmethod
     @torch.no_grad()
@@ -122,7 +124,14 @@ class CodeLook:
         levels = (means.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
         black = vqvae.encode(torch.zeros(1, 1, data.IMAGE_SIZE, data.IMAGE_SIZE, device=device))
         neutral = int(black.flatten().mode().values)
-        return cls(levels, neutral, reach, vqvae.decode(torch.full_like(black, neutral)))
+        return cls(levels, neutral, reach, vqvae.decode(torch.full_like(black, neutral)), black.shape[-1])
+
+    def empty_view(self, n: int) -> np.ndarray:
+        """The live view of ``n`` grids with nothing sampled yet: every request's first frame, drawn once per n."""
+        if n not in self._empty_views:
+            empty = SampleProgress(torch.full((n, self.grid, self.grid), -1, dtype=torch.long), 0, self.grid ** 2)
+            self._empty_views[n] = live_view(empty, self.blank.expand(n, -1, -1, -1), self)
+        return self._empty_views[n]
 
 
 def _decoder_reach(vqvae: VQVAE, size: int = 24) -> int:
@@ -416,7 +425,7 @@ class Generator:
         if job.decoder is None and progress.filled:
             job.decoder = LiveDecoder(vqvae, look, job.request.n)
         images = job.decoder.update(progress) if job.decoder else look.blank.expand(job.request.n, -1, -1, -1)
-        view = live_view(progress, images, look)
+        view = live_view(progress, images, look) if progress.filled else look.empty_view(job.request.n)
         frame = GenerationFrame(view, progress.codes.numpy(), progress.filled, progress.total, job.request.seed)
         if progress.done:
             frame.images = [to_uint8(image) for image in images]

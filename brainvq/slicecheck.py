@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.spatial import ConvexHull
 
 from brainvq.anomaly import ANOMALY_DIR, fingerprint
 from brainvq.io import atomic_write_json
 from brainvq.lesions import BRAIN_LEVEL, brain_mask
 from brainvq.metrics import ssim
+from brainvq.pixelcnn import code_nll
 
 FEATURES = ("bits", "brain_bits", "ssim_brain", "area", "aspect", "solidity", "offset", "outside")
 LIMITS_NAME = "slice_check.json"
@@ -66,7 +66,7 @@ def features(vqvae, prior, images: np.ndarray, encoded: tuple[torch.Tensor, torc
         codes = vqvae.encode(x)
         encoded = codes, vqvae.decode(codes).clamp(0, 1).float()
     codes, recon = (t.cpu() for t in encoded)
-    nll = F.cross_entropy(prior(codes).float(), codes, reduction="none") / np.log(2)
+    nll = code_nll(prior(codes), codes) / np.log(2)
     grid = codes.shape[-1]
     out = []
     for k, image in enumerate(np.asarray(images, dtype=np.float32)):

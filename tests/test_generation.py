@@ -15,7 +15,7 @@ import torch
 
 from brainvq import demo, generation, hub
 from brainvq.sampler_process import SamplerServer
-from brainvq.sampling import sample, sample_codes
+from brainvq.sampling import SampleProgress, sample, sample_codes
 from brainvq.vqvae import VQVAE, VQVAEConfig
 from test_app import save_tiny_bundle
 
@@ -72,6 +72,10 @@ def test_code_look_and_shades(bundle):
     assert shaded.shape == (128, 128, 3)
     assert (shaded[80:] == generation.UNSAMPLED).all()
     assert (shaded[0, 0] == int(look.levels[codes[0, 0]])).all() and (shaded[1, 1] == shaded[0, 0]).all()
+    for n in (1, 5):                                                 # every request's first frame, drawn once
+        nothing = SampleProgress(torch.full((n, 64, 64), -1), 0, 4096)
+        assert np.array_equal(look.empty_view(n), generation.live_view(nothing, look.blank.expand(n, -1, -1, -1), look))
+        assert look.empty_view(n) is look.empty_view(n)
 
 
 @pytest.mark.parametrize("config", [None, VQVAEConfig()])  # the test bundle's tiny one, and the shipped shape
