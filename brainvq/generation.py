@@ -251,14 +251,10 @@ class Ticket:
     """The app's copy of one request in the sampler process: its grids so far, filled in a row at a time."""
 
     def __init__(self, n: int, seed: int, size: int):
-        self.n, self.seed, self.size = n, seed, size
+        self.n, self.seed, self.size, self.total = n, seed, size, size * size
         self.codes = torch.full((n, size, size), -1, dtype=torch.long)
         self.filled = 0
         self.started = self.cancelled = False
-
-    @property
-    def total(self) -> int:
-        return self.size * self.size
 
     @property
     def done(self) -> bool:
