@@ -403,8 +403,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--host", default=None, help="address to listen on (default $GRADIO_SERVER_NAME or 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default $GRADIO_SERVER_PORT or 7860)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per task (default 1: the sampler process, the live view and reconstructions "
-                             "then run side by side, one core each, instead of fighting over the cores)")
+                        help="torch threads per task (default 1: the sampler process, the live view and "
+                             "reconstructions then run side by side, one core each, instead of fighting over the "
+                             "cores)")
     args = parser.parse_args(argv)
     return Settings(args.data_dir, args.hub_repo, args.revision, args.checkpoints, args.allow_dir, args.offline,
                     args.host, args.port, args.threads)

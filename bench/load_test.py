@@ -419,7 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     measured = {"first_frame_p95_s": latency["first_frame"]["p95"], "generate_p95_s": latency["generate"]["p95"],
                 "errors": errors, "reconstruct_p95_s": latency["reconstruct"]["p95"]}
-    result["meets"] = {name: None if measured[name] is None else measured[name] <= goal for name, goal in GOALS.items()}
+    result["meets"] = {name: None if measured[name] is None else measured[name] <= goal
+                       for name, goal in GOALS.items()}
     return write_report(result, args.json)
 
 

@@ -254,7 +254,7 @@ class Ticket:
         self.n, self.seed, self.size, self.total = n, seed, size, size * size
         self.codes = torch.full((n, size, size), -1, dtype=torch.long)
         self.filled = 0
-        self.started = self.cancelled = False
+        self.cancelled = False
 
     @property
     def done(self) -> bool:
@@ -359,7 +359,6 @@ class Generator:
         with self._lock:
             if kind == "started":
                 for job in filter(None, map(self._jobs.get, args[0])):
-                    job.request.started = True
                     job.post()                   # at once: nothing to decode yet
             elif kind == "rows":
                 now = time.monotonic()

@@ -223,8 +223,8 @@ class SamplerServer:
                     if request.done:
                         self.forget(ident)
             self.send("rows", rows)
-        for ident, request in mine:
-            if request.cancelled and ident in self.requests and request not in sampler.active:   # dropped by the step (or never started)
+        for ident, request in mine:   # stopped: dropped by this step, or cancelled before it started
+            if request.cancelled and ident in self.requests and request not in sampler.active:
                 self.forget(ident)
                 row = min(request.row, request.size - 1)
                 self.send("stopped", ident, request.filled, row, request.codes[:, row].numpy())
