@@ -2,9 +2,10 @@
 
 The sampler steps a Python loop of small tensor operations, each of which hands Python's GIL back and forth:
 in the app's process every thread running Python (Gradio, image encoding, reconstructions) makes each step
-wait for the GIL (one busy Python thread slows a 3 ms step of 64 grids to 1.5 s). So one child process,
-``python -m brainvq.sampler_process``, holds a ``BatchSampler`` per prior and steps them, and the app sends it
-priors (config and safetensors bytes) and requests and gets back each request's codes a row at a time.
+wait for the GIL (one busy Python thread slows a 2.3 ms step of 64 grids to 1.7 s; bench/demo_costs.py).
+So one child process, ``python -m brainvq.sampler_process``, holds a ``BatchSampler`` per prior and steps
+them, and the app sends it priors (config and safetensors bytes) and requests and gets back each request's
+codes a row at a time.
 
 Messages, app -> sampler: ("prior", key, config, weights), ("forget", key), ("add", id, key, n, temperature,
 top_k, top_p, seed), ("cancel", id). Sampler -> app, each with the positions sampled so far: ("started",
