@@ -194,6 +194,8 @@ def test_a_sampler_process_that_dies_ends_its_streams_with_a_clear_error(bundle,
 
     frames = asyncio.run(main())
     assert frames[-1].done and generator.process.child == 2 and generator.jobs == []
+    generator.close()                          # the child ends once its pipe closes
+    assert generator.process.proc.returncode == 0
 
 
 def test_a_prior_the_sampler_cannot_set_up_fails_only_its_own_requests(bundle, make_generator):
