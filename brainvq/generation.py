@@ -414,9 +414,9 @@ class Generator:
             job.stop()
 
     def _draw(self, job: Job, progress: SampleProgress, finished: bool) -> GenerationFrame:
-        began = time.perf_counter()
         vqvae = job.bundle.vqvae
-        look = code_look(vqvae)
+        look = code_look(vqvae)            # once per model: not part of a frame's cost
+        began = time.perf_counter()
         if job.decoder is None and progress.filled:
             job.decoder = LiveDecoder(vqvae, look, job.request.n)
         images = job.decoder.update(progress) if job.decoder else look.blank.expand(job.request.n, -1, -1, -1)
@@ -426,5 +426,6 @@ class Generator:
             frame.images = [to_uint8(image) for image in images]
         elif finished:
             frame.stopped = True
-        self.render_seconds = 0.8 * self.render_seconds + 0.2 * (time.perf_counter() - began)
+        if progress.filled:                # the first frame (nothing sampled yet) is drawn once per n
+            self.render_seconds = 0.8 * self.render_seconds + 0.2 * (time.perf_counter() - began)
         return frame

@@ -48,6 +48,11 @@ def save_tiny_bundle(folder: Path, seed: int, prior: bool = True, sampling: dict
     return folder
 
 
+# The tiny models sample a grid in about a second, and the demo's 0.5 s between frames would leave a run two or
+# three frames on a fast machine: the served demos stream a frame every 0.05 s instead.
+FRAME_SECONDS = 0.05
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -279,7 +284,7 @@ def served(tmp_path_factory):
         mp.setenv("HF_HUB_CACHE", str(root / "hf-cache"))
         settings = app.Settings(data_dir=str(data_dir), checkpoints=checkpoints, offline=True, host="127.0.0.1",
                                 port=free_port())
-        generator = generation.Generator()
+        generator = generation.Generator(frame_seconds=FRAME_SECONDS)
         blocks, url = app.launch(settings, generator=generator, prevent_thread_lock=True, quiet=True)
         try:
             client = Client(url, verbose=False, download_files=str(root / "downloads"))

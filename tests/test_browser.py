@@ -13,7 +13,7 @@ from PIL import Image
 
 from helpers import brain_slice, make_folder_tree
 from test_anomaly import calibrate_tiny_bundle
-from test_app import free_port, save_tiny_bundle
+from test_app import FRAME_SECONDS, free_port, save_tiny_bundle
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting':Warning"),  # gradio's pandas use
@@ -48,7 +48,7 @@ def page(tmp_path_factory):
     from brainvq.generation import Generator
 
     root = tmp_path_factory.mktemp("browser")
-    generator = Generator()
+    generator = Generator(frame_seconds=FRAME_SECONDS)
     checkpoints = calibrate_tiny_bundle(save_tiny_bundle(root / "checkpoints", seed=0))   # Anomaly tab: calibrated
     data_dir = make_folder_tree(root / "data", per_class=2, test_count=6)
     ARTIFACTS.mkdir(exist_ok=True)
