@@ -168,7 +168,7 @@ def test_closing_a_stream_stops_its_request(bundle, make_generator):
 
 def test_every_frame_shows_the_grid_sampled_so_far(bundle, make_generator):
     """The frames' codes are prefixes of the finished grids, shown beside their shades and decodes."""
-    generator = make_generator(frame_seconds=0.2, render_share=1.0)
+    generator = make_generator(frame_seconds=0.05, render_share=1.0)
     frames = asyncio.run(collect(generator.stream(bundle, 5, 1.0, 0, 1.0, 9), []))
     assert len(frames) >= 3
     final = frames[-1].codes.reshape(5, -1)
