@@ -20,8 +20,11 @@ partly filled grid, possibly still empty), to the first frame with sampled codes
 the reconstruction latency while generations ran, errors (with examples), and the server's resident memory
 (VmRSS) idle, after warm-up, at the end and its peak (VmHWM, and the highest 0.25 s sample), from /proc (psutil
 is used when installed), summed over the server and its sampler process; CPU time likewise. Clients and server
-share the machine's cores. A goal with nothing measured (no reconstructions) meets as null. The figures go to
-``--json`` (atomically) and, last, to stdout as one JSON line.
+share the machine's cores; the clients stand in for browsers on other machines, so they share one TLS context
+instead of building one per request as gradio_client does by default (about 30 ms of CPU each: with 16 users
+pressing at once that took most of both cores for the first second of a round; ``--fresh-tls`` restores it).
+A goal with nothing measured (no reconstructions) meets as null. The figures go to ``--json`` (atomically) and,
+last, to stdout as one JSON line.
 """
 from __future__ import annotations
 
@@ -333,6 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="seconds from one reconstruction of a client to its next (0: back to back)")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--port", type=int, default=None)
+    p.add_argument("--fresh-tls", action="store_true",
+                   help="let each client request build its own TLS context, as gradio_client does by default "
+                        "(the load test's own clients then take far more of the cores the server runs on)")
     p.add_argument("--json", help="where to write the figures")
     args = p.parse_args(argv)
     if not args.random_prior and not (args.checkpoints / "pixelcnn").is_dir():
@@ -349,14 +355,17 @@ def main(argv: list[str] | None = None) -> dict:
         idle = server.memory_mb()["rss"]
         print(f"server up in {startup_s:.1f} s at {server.url} ({idle:.0f} MiB); {len(keys)} sample slices",
               file=sys.stderr)
-        warm_client = Client(server.url, verbose=False, download_files=False)
+        # gradio_client passes ssl_verify to httpx as `verify`, which also takes a ready SSL context: one for
+        # every request, instead of each request building its own (about 30 ms of client CPU on these cores)
+        tls = {} if args.fresh_tls else {"ssl_verify": httpx.create_ssl_context()}
+        warm_client = Client(server.url, verbose=False, download_files=False, **tls)
         warm_problems = [check_reconstruction(warm_client.predict(keys[0], api_name="/reconstruct_sample")),
                          generate(warm_client, generate_arguments(warm_client, args.samples, 0),
                                   args.request_timeout)[3]]
         if any(warm_problems):
             raise RuntimeError(f"the warm-up answers are wrong: {warm_problems}\n{server.log_tail()}")
         warm = server.memory_mb()["rss"]
-        clients = [Client(server.url, verbose=False, download_files=False)
+        clients = [Client(server.url, verbose=False, download_files=False, **tls)
                    for _ in range(args.users + args.reconstructors)]
         for client in clients:  # each user has the page open (a session) before pressing a button
             client.predict(api_name="/model_info")
@@ -407,6 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         "users": args.users, "samples_per_user": args.samples, "rounds": args.rounds,
         "reconstructors": args.reconstructors, "reconstruct_every_s": args.reconstruct_every,
         "checkpoints": str(args.checkpoints), "random_prior": args.random_prior, "app": str(args.app),
+        "client_tls": "per request" if args.fresh_tls else "shared",
         "cpu_cores": os.cpu_count(), "startup_s": round(startup_s, 2), "duration_s": round(duration, 1),
         "cpu_s": {"server": round(server_cpu, 1), "clients": round(client_cpu, 1)},
         "load_average_before": load_before, "load_average_after": [round(x, 2) for x in os.getloadavg()],
