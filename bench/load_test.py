@@ -21,8 +21,8 @@ the reconstruction latency while generations ran, errors (with examples), and th
 (VmRSS) idle, after warm-up, at the end and its peak (VmHWM, and the highest 0.25 s sample), from /proc (psutil
 is used when installed), summed over the server and its sampler process; CPU time likewise. Clients and server
 share the machine's cores; the clients stand in for browsers on other machines, so they share one TLS context
-instead of building one per request as gradio_client does by default (about 30 ms of CPU each: with 16 users
-pressing at once that took most of both cores for the first second of a round; ``--fresh-tls`` restores it).
+instead of building one per request as gradio_client does by default (it loads the CA certificates), which with 16 users
+pressing at once takes the cores from the server; ``--fresh-tls`` restores gradio_client's default.
 A goal with nothing measured (no reconstructions) meets as null. The figures go to ``--json`` (atomically) and,
 last, to stdout as one JSON line.
 """
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"server up in {startup_s:.1f} s at {server.url} ({idle:.0f} MiB); {len(keys)} sample slices",
               file=sys.stderr)
         # gradio_client passes ssl_verify to httpx as `verify`, which also takes a ready SSL context: one for
-        # every request, instead of each request building its own (about 30 ms of client CPU on these cores)
+        # every request, instead of each request building its own (loading the CA certificates each time)
         tls = {} if args.fresh_tls else {"ssl_verify": httpx.create_ssl_context()}
         warm_client = Client(server.url, verbose=False, download_files=False, **tls)
         warm_problems = [check_reconstruction(warm_client.predict(keys[0], api_name="/reconstruct_sample")),
