@@ -21,10 +21,10 @@ the reconstruction latency while generations ran, errors (with examples), and th
 (VmRSS) idle, after warm-up, at the end and its peak (VmHWM, and the highest 0.25 s sample), from /proc (psutil
 is used when installed), summed over the server and its sampler process; CPU time likewise. Clients and server
 share the machine's cores; the clients stand in for browsers on other machines, so they share one TLS context
-instead of building one per request as gradio_client does by default (it loads the CA certificates), which with 16 users
-pressing at once takes the cores from the server; ``--fresh-tls`` restores gradio_client's default.
-A goal with nothing measured (no reconstructions) meets as null. The figures go to ``--json`` (atomically) and,
-last, to stdout as one JSON line.
+instead of building one per request as gradio_client does by default (it loads the CA certificates), which
+with 16 users pressing at once takes the cores from the server; ``--fresh-tls`` restores gradio_client's
+default. A goal with nothing measured (no reconstructions) meets as null. The figures go to ``--json``
+(atomically) and, last, to stdout as one JSON line.
 """
 from __future__ import annotations
 
