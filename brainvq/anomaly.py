@@ -58,7 +58,8 @@ class AnomalyError(ValueError):
 
 
 def fingerprint(model: torch.nn.Module) -> str:
-    """Hash of a model's weights: a calibration holds only for the exact models it was measured on."""
+    """Hash of all a model's weights: a calibration holds only for the exact models it was measured on (a VQ-VAE's
+    own ``fingerprint`` hashes the codebook alone, which a decoder fine-tune leaves unchanged)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -196,7 +197,7 @@ class Detector:
                                             f"({calibration.models}, loaded: {expected})")
 
     def fingerprints(self) -> dict[str, str | None]:
-        return {"vqvae": self.vqvae.fingerprint(), "prior": fingerprint(self.prior),
+        return {"vqvae": fingerprint(self.vqvae), "prior": fingerprint(self.prior),
                 "local": fingerprint(self.local) if self.local is not None else None}
 
     @classmethod

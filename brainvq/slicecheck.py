@@ -105,8 +105,9 @@ class Limits:
         return cls({k: tuple(v) for k, v in raw["limits"].items()}, raw["models"], raw.get("notes", {}))
 
 
-def model_fingerprints(vqvae, prior) -> dict[str, str]:
-    return {"vqvae": vqvae.fingerprint(), "prior": fingerprint(prior)}
+def model_fingerprints(vqvae: torch.nn.Module, prior: torch.nn.Module) -> dict[str, str]:
+    """What limits are tied to: hashes of all the VQ-VAE's weights (decoder included) and the prior's."""
+    return {"vqvae": fingerprint(vqvae), "prior": fingerprint(prior)}
 
 
 def limits_for(folder: Path | None, vqvae, prior) -> tuple[Limits | None, str | None]:

@@ -1,6 +1,7 @@
 """Synthetic lesions, anomaly maps, their calibration and the CLI, on tiny real (untrained) models."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -169,6 +170,11 @@ def test_calibration_must_match_the_models(bundle, tmp_path):
     assert stale.calibration is None and "other models" in stale.calibration_problem
     with pytest.raises(anomaly.AnomalyError, match="bench/anomaly.py --checkpoints"):
         stale.analyze(slices(1))
+    tuned = copy.deepcopy(detector.vqvae)                        # a decoder fine-tune keeps the codebook
+    with torch.no_grad():
+        next(tuned.decoder.parameters()).add_(0.01)
+    assert tuned.fingerprint() == detector.vqvae.fingerprint()
+    assert "other models" in anomaly.Detector(tuned, detector.prior, detector.local, loaded).calibration_problem
     path.write_text("{not json")
     with pytest.raises(anomaly.AnomalyError, match="not a readable anomaly calibration"):
         anomaly.Calibration.load(path)

@@ -1,8 +1,11 @@
 """The upload check: features from the models, limits from healthy slices, verdicts in the Reconstruct tab."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from brainvq import anomaly, demo, hub, slicecheck
@@ -74,5 +77,10 @@ def test_reconstruct_says_when_it_cannot_check(checked, tmp_path):
     assert result.check is None and "bench/slice_check.py" in result.check_markdown()
     other.folder = checked.folder                  # limits measured on other models
     assert "other models" in demo.reconstruct(other, result.original).check_note
+    tuned = copy.copy(checked)                     # the same codebook, a fine-tuned decoder
+    tuned.vqvae = copy.deepcopy(checked.vqvae)
+    with torch.no_grad():
+        next(tuned.vqvae.decoder.parameters()).add_(0.01)
+    assert "other models" in demo.reconstruct(tuned, result.original).check_note
     bare = hub.load_bundle(save_tiny_bundle(tmp_path / "vq-only", seed=0, prior=False))
     assert "needs the PixelCNN prior" in demo.reconstruct(bare, result.original).check_markdown()
