@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -250,6 +251,15 @@ class Recorder:
                     self.examples.append(f"{kind}: {problem}")
 
 
+def open_client(url: str, tls: ssl.SSLContext | None):
+    """A gradio_client.Client that uses the SSL context ``tls`` for every request (None: gradio_client's default,
+    where each request builds its own, loading the CA certificates: ~33 ms of client CPU). gradio_client passes
+    ``ssl_verify`` to httpx as ``verify``, which takes a ready context."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=False, **({} if tls is None else {"ssl_verify": tls}))
+
+
 def generate_arguments(client, samples: int, seed: int) -> tuple:
     """/generate's inputs: (n, temperature, top-k, top-p, seed), or without top-p for an app that has none."""
     inputs = len(client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"])
@@ -344,8 +354,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.random_prior and not (args.checkpoints / "pixelcnn").is_dir():
         p.error(f"{args.checkpoints / 'pixelcnn'} does not exist: generation needs a prior")
 
-    from gradio_client import Client
-
     keys = sample_keys(args.data_dir)
     checkpoints = random_bundle(args.checkpoints, args.random_prior) if args.random_prior else args.checkpoints
     server = Server(checkpoints, args.data_dir, args.port, app=args.app)
@@ -355,18 +363,15 @@ def main(argv: list[str] | None = None) -> dict:
         idle = server.memory_mb()["rss"]
         print(f"server up in {startup_s:.1f} s at {server.url} ({idle:.0f} MiB); {len(keys)} sample slices",
               file=sys.stderr)
-        # gradio_client passes ssl_verify to httpx as `verify`, which also takes a ready SSL context: one for
-        # every request, instead of each request building its own (loading the CA certificates each time)
-        tls = {} if args.fresh_tls else {"ssl_verify": httpx.create_ssl_context()}
-        warm_client = Client(server.url, verbose=False, download_files=False, **tls)
+        tls = None if args.fresh_tls else httpx.create_ssl_context()
+        warm_client = open_client(server.url, tls)
         warm_problems = [check_reconstruction(warm_client.predict(keys[0], api_name="/reconstruct_sample")),
                          generate(warm_client, generate_arguments(warm_client, args.samples, 0),
                                   args.request_timeout)[3]]
         if any(warm_problems):
             raise RuntimeError(f"the warm-up answers are wrong: {warm_problems}\n{server.log_tail()}")
         warm = server.memory_mb()["rss"]
-        clients = [Client(server.url, verbose=False, download_files=False, **tls)
-                   for _ in range(args.users + args.reconstructors)]
+        clients = [open_client(server.url, tls) for _ in range(args.users + args.reconstructors)]
         for client in clients:  # each user has the page open (a session) before pressing a button
             client.predict(api_name="/model_info")
         watcher = threading.Thread(target=monitor, args=(server, stop, rss_samples), daemon=True)
