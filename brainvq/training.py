@@ -1,4 +1,4 @@
-"""What both training scripts share: their common flags, device and torchrun setup, reproducible seeding, the
+"""What the training scripts share: their common flags, device and torchrun setup, reproducible seeding, the
 data splits, the epoch loop (``fit``: learning-rate schedule, progress bars, validation, atomic ``best`` and
 ``last`` snapshots, history and curves)."""
 from __future__ import annotations
@@ -306,7 +306,7 @@ def read_json(path: Path) -> dict:
 
 
 def common_args(p: argparse.ArgumentParser, out: str, epochs: int, batch_size: int, lr: float) -> None:
-    """The flags both training scripts take, with that script's defaults for the run folder and the schedule."""
+    """The flags the training scripts take, with that script's defaults for the run folder and the schedule."""
     p.add_argument("--data-dir", help="OASIS keras_png_slices_data or an image folder (default $BRAINVQ_DATA)")
     p.add_argument("--out", default=out, help="run folder (default %(default)s)")
     p.add_argument("--epochs", type=int, default=epochs, help="default %(default)s, the shipped run")
@@ -361,15 +361,16 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: torch.
         wrap: dict | None = None, clip: float | None = None, rate: str = "images_per_s",
         before_epoch: Callable[[int], None] | None = None, after_epoch: Callable[[], dict] | None = None,
         postfix: Callable[[], dict] | None = None) -> list[dict]:
-    """The epoch loop of both training scripts; returns the history (one record per epoch).
+    """The epoch loop of the training scripts; returns the history (one record per epoch).
 
     Each epoch sets the learning rate ``lr_at(epoch)``, trains ``min(len(loader), --max-steps)`` steps under a
     tqdm bar with that total (``step(net, batch)`` returns the loss and per-batch means to show and average
     into ``train_*``), then records ``validate()`` and ``after_epoch()``. Rank 0 prints the record, keeps the
     model with the best ``best`` entry in OUT/best (``save_best(folder, record)``), the last epoch with its
     optimizer state in OUT/last, history.json and curves.png. ``--resume`` restarts after OUT/last's epoch; the
-    best so far is read back from its history. ``wrap``: options for ``wrap_model`` (DDP, torch.compile);
-    ``clip``: gradient-norm clipping; ``rate``: the name of the throughput entry.
+    best so far is read back from its history. A param group's ``lr_scale`` (default 1) multiplies its rate.
+    ``wrap``: options for ``wrap_model`` (DDP, torch.compile); ``clip``: gradient-norm clipping; ``rate``: the name
+    of the throughput entry.
     """
     out = Path(args.out)
     history: list[dict] = []
@@ -388,7 +389,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: torch.
     for epoch in range(start, args.epochs):
         lr = lr_at(epoch, args.epochs, args.lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loader.sampler.set_epoch(epoch)  # reshuffle: the order depends on (seed, epoch) only
         if before_epoch is not None:
             before_epoch(epoch)
