@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     val = data.load_split(args.data_dir, "val", args.split_seed)
     test = data.load_split(args.data_dir, "test", args.split_seed)
     limits = slicecheck.Limits(slicecheck.fit_limits(measure(vqvae, prior, val.images / np.float32(255), "val")),
-                               slicecheck.model_fingerprints(vqvae, prior),
+                               anomaly.model_fingerprints(vqvae, prior),
                                {"data": str(val.root), "split_seed": args.split_seed, "slices": len(val),
                                 "rule": "validation 0.5th-99.5th percentile range, widened on each side by its width",
                                 "made_by": "bench/slice_check.py"})

@@ -67,6 +67,12 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_fingerprints(vqvae: torch.nn.Module, prior: torch.nn.Module) -> dict[str, str]:
+    """What a calibration or the upload check's limits are tied to: hashes of all the VQ-VAE's weights (decoder
+    included) and the prior's."""
+    return {"vqvae": fingerprint(vqvae), "prior": fingerprint(prior)}
+
+
 # ----------------------------------------------------------------------------- settings and calibration
 
 
@@ -197,7 +203,7 @@ class Detector:
                                             f"({calibration.models}, loaded: {expected})")
 
     def fingerprints(self) -> dict[str, str | None]:
-        return {"vqvae": fingerprint(self.vqvae), "prior": fingerprint(self.prior),
+        return {**model_fingerprints(self.vqvae, self.prior),
                 "local": fingerprint(self.local) if self.local is not None else None}
 
     @classmethod

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy.spatial import ConvexHull
 
-from brainvq.anomaly import ANOMALY_DIR, fingerprint
+from brainvq.anomaly import ANOMALY_DIR, model_fingerprints
 from brainvq.io import atomic_write_json
 from brainvq.lesions import BRAIN_LEVEL, brain_mask
 from brainvq.metrics import ssim
@@ -103,11 +103,6 @@ class Limits:
     def load(cls, path: str | os.PathLike) -> "Limits":
         raw = json.loads(Path(path).read_text())
         return cls({k: tuple(v) for k, v in raw["limits"].items()}, raw["models"], raw.get("notes", {}))
-
-
-def model_fingerprints(vqvae: torch.nn.Module, prior: torch.nn.Module) -> dict[str, str]:
-    """What limits are tied to: hashes of all the VQ-VAE's weights (decoder included) and the prior's."""
-    return {"vqvae": fingerprint(vqvae), "prior": fingerprint(prior)}
 
 
 def limits_for(folder: Path | None, vqvae, prior) -> tuple[Limits | None, str | None]:

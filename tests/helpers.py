@@ -1,7 +1,10 @@
-"""Builders of tiny on-disk data sets for tests; importable as ``from helpers import ...`` from any test file."""
+"""Builders of tiny on-disk data sets, and the training scripts as modules, for tests; importable as
+``from helpers import ...`` from any test file."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
@@ -63,3 +66,12 @@ def make_folder_tree(root: str | Path, classes: tuple[str, ...] = ("ClassA", "Cl
         pixels = brain_slice(height, width, seed=seed * 1_000_003 + 500_000 + i)
         Image.fromarray(pixels).save(test / f"test_{i:03d}.png")
     return root
+
+
+def train_script(name: str) -> ModuleType:
+    """``train/NAME.py`` loaded as a fresh module, so a test calls its ``main(argv)`` in-process."""
+    path = Path(__file__).resolve().parents[1] / "train" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

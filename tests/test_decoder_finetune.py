@@ -2,7 +2,6 @@
 meaning (a prior of the source VQ-VAE still loads), and --resume repeats the uninterrupted run."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,17 +11,9 @@ from brainvq.adversarial import PatchCritic, adaptive_weight, decoder_adversaria
 from brainvq.checkpoint import read_tensors
 from brainvq.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from brainvq.vqvae import VQVAE, VQVAEConfig
+from helpers import train_script
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--batch-size", "4", "--max-steps", "2", "--crop", "64", "--device", "cpu"]
-
-
-def finetune_script():
-    spec = importlib.util.spec_from_file_location("finetune_decoder_under_test",
-                                                  REPO_ROOT / "train" / "finetune_decoder.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_each_players_loss_trains_only_that_player():
@@ -58,7 +49,7 @@ def test_finetune_changes_only_the_decoder_and_priors_still_fit(tmp_path, folder
     prior = GatedPixelCNN(PixelCNNConfig(num_codes=16, grid_size=64, channels=8, embed_dim=8, num_layers=1,
                                          first_kernel=3, max_dilation=1, pos_dim=0, head_channels=8))
     prior.save(tmp_path / "prior", source.fingerprint())
-    finetune_script().main(["--vqvae", str(tmp_path / "vqvae"), "--data-dir", str(folder_tree),
+    train_script("finetune_decoder").main(["--vqvae", str(tmp_path / "vqvae"), "--data-dir", str(folder_tree),
                             "--out", str(tmp_path / "run"), "--epochs", "1", *TINY])
     progress = capsys.readouterr().err
     assert "epoch 1/1:   0%|          | 0/2 [" in progress and "validation:   0%" in progress
@@ -77,7 +68,7 @@ def test_finetune_changes_only_the_decoder_and_priors_still_fit(tmp_path, folder
 def test_resume_repeats_the_uninterrupted_run(tmp_path, folder_tree, capsys):
     save_tiny_vqvae(tmp_path / "vqvae")
     common = ["--vqvae", str(tmp_path / "vqvae"), "--data-dir", str(folder_tree), *TINY]
-    script = finetune_script()
+    script = train_script("finetune_decoder")
     script.main([*common, "--out", str(tmp_path / "whole"), "--epochs", "2"])
     script.main([*common, "--out", str(tmp_path / "cut"), "--epochs", "1"])   # epoch 1's rate is --lr at any --epochs
     script.main([*common, "--out", str(tmp_path / "cut"), "--epochs", "2", "--resume"])
@@ -86,4 +77,3 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, folder_tree, capsys):
     assert whole.keys() == cut.keys() and any(name.startswith("critic.") for name in whole)
     for name, tensor in whole.items():
         assert torch.equal(cut[name], tensor), f"{name} differs after resuming"
-

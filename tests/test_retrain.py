@@ -5,7 +5,6 @@ the codes.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -20,7 +19,7 @@ import torch
 from brainvq import data
 from brainvq.training import take
 from brainvq.vqvae import VQVAE, VQVAEConfig, encode_array
-from helpers import make_folder_tree
+from helpers import make_folder_tree, train_script
 from test_app import free_port, save_tiny_bundle
 
 pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting':Warning"),  # gradio's pandas use
@@ -90,14 +89,6 @@ def test_the_readme_smoke_run_loads_in_the_models_tab(tmp_path):
             blocks.close()
 
 
-def _prior_script():
-    spec = importlib.util.spec_from_file_location("train_pixelcnn_under_test",
-                                                  REPO_ROOT / "train" / "train_pixelcnn.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_limit_takes_slices_from_the_whole_split(folder_tree):
     train = data.load_split(folder_tree, "train", 0)
     few = take(train, 6)
@@ -107,7 +98,7 @@ def test_limit_takes_slices_from_the_whole_split(folder_tree):
 
 
 def test_code_cache_is_keyed_by_data_split_seed_and_limit(tmp_path, folder_tree, oasis_tree):
-    script = _prior_script()
+    script = train_script("train_pixelcnn")
     torch.manual_seed(0)
     vqvae = VQVAE(VQVAEConfig(num_codes=16, code_dim=8, widths=(8, 8), res_width=8, num_res_blocks=1)).eval()
     cache = tmp_path / "codes"

@@ -19,7 +19,7 @@ def checked(tmp_path_factory):
     folder = save_tiny_bundle(tmp_path_factory.mktemp("check") / "bundle", seed=0)
     bundle = hub.load_bundle(folder)
     rows = slicecheck.features(bundle.vqvae, bundle.prior, slices(24, seed=200))
-    slicecheck.Limits(slicecheck.fit_limits(rows), slicecheck.model_fingerprints(bundle.vqvae, bundle.prior)).save(
+    slicecheck.Limits(slicecheck.fit_limits(rows), anomaly.model_fingerprints(bundle.vqvae, bundle.prior)).save(
         folder / anomaly.ANOMALY_DIR / slicecheck.LIMITS_NAME)
     return bundle
 

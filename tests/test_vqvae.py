@@ -1,7 +1,6 @@
 """The VQ-VAE, its quantiser, its checkpoints and its training script, on tiny real models (no mocks)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from brainvq.checkpoint import CheckpointError
 from brainvq.metrics import ssim
 from brainvq.training import write_snapshot
 from brainvq.vqvae import VQVAE, VectorQuantizer, VQVAEConfig
+from helpers import train_script
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(num_codes=16, code_dim=8, widths=(8, 16), res_width=8, num_res_blocks=1)
 
 
@@ -422,13 +421,6 @@ def test_write_snapshot_with_the_same_tag_keeps_the_old_snapshot_when_the_write_
 # ----------------------------------------------------------------------------- the training script
 
 
-def _train_module():
-    spec = importlib.util.spec_from_file_location("train_vqvae_under_test", REPO_ROOT / "train" / "train_vqvae.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 TRAIN_FLAGS = ["--widths", "8,8", "--res-width", "8", "--num-codes", "16", "--code-dim", "8", "--max-steps", "2",
                "--batch-size", "4", "--crop", "64", "--device", "cpu", "--seed", "0"]
 
@@ -448,7 +440,7 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def test_train_script_end_to_end_and_deterministic_resume(tmp_path, folder_tree, cache_dir, monkeypatch, capsys):
-    train = _train_module()
+    train = train_script("train_vqvae")
     flags = ["--data-dir", str(folder_tree), *TRAIN_FLAGS]
 
     # 1. two epochs, then --resume to three
