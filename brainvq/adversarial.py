@@ -18,7 +18,8 @@ from torch.func import functional_call
 
 
 class PatchCritic(nn.Module):
-    """(B,1,H,W) images in [0,1] -> (B,1,H/8-2,W/8-2) realism scores of overlapping ~70-pixel patches."""
+    """(B,1,H,W) images in [0,1] -> (B,1,H/8-2,W/8-2) realism scores of overlapping patches: each score's
+    convolutions see a 70x70 patch (its GroupNorm statistics come from the whole image)."""
 
     def __init__(self, width: int = 64, halvings: int = 3):
         super().__init__()

@@ -29,6 +29,16 @@ def test_each_players_loss_trains_only_that_player():
     assert all(p.grad is not None for p in critic.parameters())
 
 
+def test_the_critics_convolutions_see_70_pixel_patches_at_the_shipped_size():
+    critic = PatchCritic()
+    image = torch.rand(1, 1, 256, 256, requires_grad=True)
+    assert critic(image).shape == (1, 1, 256 // 8 - 2, 256 // 8 - 2)
+    convolutions = torch.nn.Sequential(*(m for m in critic.net if not isinstance(m, torch.nn.GroupNorm)))
+    convolutions(image * 2 - 1)[0, 0, 15, 15].backward()   # GroupNorm's statistics span the image: left out
+    rows, cols = (image.grad[0, 0].abs().sum(dim) > 0 for dim in (1, 0))
+    assert int(rows.sum()) == int(cols.sum()) == 70
+
+
 def test_adaptive_weight_matches_the_gradient_norms():
     layer = torch.nn.Linear(3, 1)
     x = torch.ones(1, 3)
