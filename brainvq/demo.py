@@ -10,9 +10,10 @@ import json
 import os
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -174,6 +175,28 @@ def require_bundle(bundle):
     return bundle
 
 
+T = TypeVar("T")
+
+
+class PerBundle(Generic[T]):
+    """A value made on first use for each loaded bundle and dropped with the bundle, for what depends only on its
+    models (the upload check's limits, the anomaly detector): requests then neither re-read files nor re-hash weights."""
+
+    def __init__(self, make: Callable[[object], T]):
+        self._make = make
+        self._values: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def __call__(self, bundle) -> T:
+        with self._lock:
+            if bundle not in self._values:
+                self._values[bundle] = self._make(bundle)
+            return self._values[bundle]
+
+
+upload_limits = PerBundle(lambda bundle: slicecheck.limits_for(bundle.folder, bundle.vqvae, bundle.prior))
+
+
 def reconstruct(bundle, slice_uint8: np.ndarray) -> Reconstruction:
     """Encode a uint8 256x256 slice to codes and decode it back; SSIM uses brainvq.metrics' one definition."""
     vqvae = require_bundle(bundle).vqvae
@@ -188,15 +211,15 @@ def reconstruct(bundle, slice_uint8: np.ndarray) -> Reconstruction:
     score = float(_ssim(recon, x, per_image=True)[0])
     peak = float(_psnr(recon, x)[0])
     grid = colorize_codes(codes[0], vqvae.cfg.num_codes, size=data.IMAGE_SIZE)
-    result = Reconstruction(original, codes[0].cpu().numpy(), grid, to_uint8(recon[0]), score, peak,
-                            slicecheck.ssim_in_box(recon.cpu(), x.cpu(), brain_mask(x[0, 0].cpu().numpy())))
-    if bundle.prior is None:
-        result.check_note = "the upload check needs the PixelCNN prior, and these models have none"
+    result = Reconstruction(original, codes[0].cpu().numpy(), grid, to_uint8(recon[0]), score, peak)
+    image, brain = x[0, 0].cpu().numpy(), brain_mask(x[0, 0].cpu().numpy())
+    limits, result.check_note = (upload_limits(bundle) if bundle.prior is not None else
+                                 (None, "the upload check needs the PixelCNN prior, and these models have none"))
+    if limits is None:
+        result.ssim_brain = slicecheck.ssim_in_box(recon.cpu(), x.cpu(), brain)
         return result
-    limits, result.check_note = slicecheck.limits_for(getattr(bundle, "folder", None), vqvae, bundle.prior)
-    if limits is not None:
-        row = slicecheck.features(vqvae, bundle.prior, x[:, 0].cpu().numpy(), encoded=(codes, recon))[0]
-        result.check = slicecheck.judge(row, limits.limits)
+    row = slicecheck.features(vqvae, bundle.prior, image[None], encoded=(codes, recon), brains=[brain])[0]
+    result.ssim_brain, result.check = row["ssim_brain"], slicecheck.judge(row, limits.limits)
     return result
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -20,7 +19,7 @@ from matplotlib import colormaps
 from scipy import ndimage
 
 from brainvq import anomaly, data, lesions
-from brainvq.demo import DemoError, require_bundle
+from brainvq.demo import DemoError, PerBundle, require_bundle
 from brainvq.generation import check_generation, code_look
 from brainvq.sampling import sample
 from brainvq.visualize import to_uint8
@@ -34,8 +33,13 @@ class PriorToolError(DemoError):
     """An Anomaly or Complete request that cannot be served; the message is for the user."""
 
 
-_DETECTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_DETECTORS_LOCK = threading.Lock()
+def _make_detector(bundle) -> anomaly.Detector:
+    if bundle.folder is None:
+        return anomaly.Detector(bundle.vqvae, bundle.prior, calibration_problem="the models have no folder")
+    return anomaly.Detector.load(bundle.folder, bundle.vqvae, bundle.prior)
+
+
+_detectors = PerBundle(_make_detector)
 
 
 def detector_for(bundle) -> anomaly.Detector:
@@ -44,14 +48,7 @@ def detector_for(bundle) -> anomaly.Detector:
     if bundle.prior is None:
         raise PriorToolError("These models have no PixelCNN prior: anomaly maps and completion need it. Load a "
                              "bundle with a pixelcnn/ folder in the Models tab.")
-    with _DETECTORS_LOCK:
-        detector = _DETECTORS.get(bundle.prior)
-        if detector is None or detector.vqvae is not bundle.vqvae:
-            folder = getattr(bundle, "folder", None)
-            detector = (anomaly.Detector.load(folder, bundle.vqvae, bundle.prior) if folder is not None else
-                        anomaly.Detector(bundle.vqvae, bundle.prior, calibration_problem="the models have no folder"))
-            _DETECTORS[bundle.prior] = detector
-        return detector
+    return _detectors(bundle)
 
 
 def _seed(seed) -> int:

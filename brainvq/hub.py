@@ -122,9 +122,10 @@ def validate_revision(revision: str | None) -> str:
     return value
 
 
-@dataclass
+@dataclass(eq=False)
 class ModelBundle:
-    """A loaded VQ-VAE, its prior (None when the bundle has no pixelcnn/) and where they came from."""
+    """A loaded VQ-VAE, its prior (None when the bundle has no pixelcnn/) and where they came from; compared by
+    identity, so what is made once per loaded bundle (``brainvq.demo.PerBundle``) can be keyed by it."""
 
     vqvae: VQVAE
     prior: GatedPixelCNN | None

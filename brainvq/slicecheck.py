@@ -23,6 +23,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -57,10 +58,11 @@ def ssim_in_box(recon: torch.Tensor, image: torch.Tensor, brain: np.ndarray) -> 
 
 
 @torch.no_grad()
-def features(vqvae, prior, images: np.ndarray, encoded: tuple[torch.Tensor, torch.Tensor] | None = None
-             ) -> list[dict[str, float | None]]:
+def features(vqvae, prior, images: np.ndarray, encoded: tuple[torch.Tensor, torch.Tensor] | None = None,
+             brains: Sequence[np.ndarray] | None = None) -> list[dict[str, float | None]]:
     """The features of each float (256,256) slice of a batch; shape features are None without a brain.
-    ``encoded``: the slices' (B,h,w) codes and (B,1,H,W) reconstruction when the caller has them already."""
+    ``encoded``: the slices' (B,h,w) codes and (B,1,H,W) reconstruction, ``brains`` their ``brain_mask``s, when the
+    caller has them already."""
     x = torch.from_numpy(np.asarray(images, dtype=np.float32))[:, None]
     if encoded is None:
         codes = vqvae.encode(x)
@@ -70,16 +72,16 @@ def features(vqvae, prior, images: np.ndarray, encoded: tuple[torch.Tensor, torc
     grid = codes.shape[-1]
     out = []
     for k, image in enumerate(np.asarray(images, dtype=np.float32)):
-        brain = brain_mask(image)
+        brain = brain_mask(image) if brains is None else brains[k]
         f: dict[str, float | None] = dict.fromkeys(FEATURES)
         f["bits"], f["area"] = float(nll[k].mean()), float(brain.sum())
+        f["ssim_brain"] = ssim_in_box(recon[k:k + 1], x[k:k + 1], brain)
         if brain.sum() >= MIN_BRAIN:
             patch = image.shape[-1] // grid
             on_codes = torch.from_numpy(brain.reshape(grid, patch, grid, patch).any((1, 3)))
             rows, cols = brain_box(brain)
             ys, xs = np.nonzero(brain)
             f.update(brain_bits=float(nll[k][on_codes].mean()),
-                     ssim_brain=ssim_in_box(recon[k:k + 1], x[k:k + 1], brain),
                      aspect=(rows.stop - rows.start) / (cols.stop - cols.start),
                      solidity=float(brain.sum() / ConvexHull(np.c_[ys, xs]).volume),
                      offset=float(np.hypot(ys.mean() - (image.shape[0] - 1) / 2, xs.mean() - (image.shape[1] - 1) / 2)),
@@ -110,7 +112,8 @@ def limits_for(folder: Path | None, vqvae, prior) -> tuple[Limits | None, str | 
     path = Path(folder) / ANOMALY_DIR / LIMITS_NAME if folder is not None else None
     if path is None or not path.is_file():
         return None, ("the upload check has no limits for these models (run `python bench/slice_check.py "
-                      "--checkpoints FOLDER --data-dir DATA` to set them on validation slices)")
+                      "--checkpoints FOLDER --data-dir DATA` to set them on validation slices, then reload the "
+                      "models)")
     try:
         limits = Limits.load(path)
     except (OSError, ValueError, KeyError, TypeError) as error:

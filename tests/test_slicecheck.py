@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import copy
+import weakref
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from brainvq import anomaly, demo, hub, slicecheck
+from brainvq import anomaly, demo, demo_prior, hub, lesions, slicecheck
 from test_anomaly import slices
 from test_app import save_tiny_bundle
 
@@ -42,7 +43,8 @@ def test_features_reuse_the_callers_encoding(checked):
     with torch.no_grad():
         codes = checked.vqvae.encode(torch.from_numpy(x)[:, None])
         recon = checked.vqvae.decode(codes).clamp(0, 1).float()
-    assert slicecheck.features(checked.vqvae, checked.prior, x, encoded=(codes, recon)) == \
+    brains = [lesions.brain_mask(image) for image in x]
+    assert slicecheck.features(checked.vqvae, checked.prior, x, encoded=(codes, recon), brains=brains) == \
         slicecheck.features(checked.vqvae, checked.prior, x)
 
 
@@ -75,12 +77,33 @@ def test_reconstruct_says_when_it_cannot_check(checked, tmp_path):
     other = hub.load_bundle(save_tiny_bundle(tmp_path / "other", seed=1))
     result = demo.reconstruct(other, (slices(1)[0] * 255).astype(np.uint8))
     assert result.check is None and "bench/slice_check.py" in result.check_markdown()
-    other.folder = checked.folder                  # limits measured on other models
-    assert "other models" in demo.reconstruct(other, result.original).check_note
-    tuned = copy.copy(checked)                     # the same codebook, a fine-tuned decoder
-    tuned.vqvae = copy.deepcopy(checked.vqvae)
+    misplaced = hub.ModelBundle(other.vqvae, other.prior, "test", folder=checked.folder)   # limits of other models
+    assert "other models" in demo.reconstruct(misplaced, result.original).check_note
+    decoder = copy.deepcopy(checked.vqvae)         # the same codebook, a fine-tuned decoder
     with torch.no_grad():
-        next(tuned.vqvae.decoder.parameters()).add_(0.01)
+        next(decoder.decoder.parameters()).add_(0.01)
+    tuned = hub.ModelBundle(decoder, checked.prior, "test", folder=checked.folder)
     assert "other models" in demo.reconstruct(tuned, result.original).check_note
     bare = hub.load_bundle(save_tiny_bundle(tmp_path / "vq-only", seed=0, prior=False))
     assert "needs the PixelCNN prior" in demo.reconstruct(bare, result.original).check_markdown()
+
+
+def test_limits_are_read_once_per_loaded_bundle_and_dropped_with_it(checked, tmp_path):
+    """A request neither re-reads the limits nor re-hashes the models; a reload reads them afresh, and a replaced
+    bundle (with its models and anomaly detector) is freed, not kept alive by the memo."""
+    import gc
+    import shutil
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(checked.folder, folder)
+    bundle = hub.load_bundle(folder)
+    image = (slices(1, seed=400)[0] * 255).astype(np.uint8)
+    assert demo.reconstruct(bundle, image).check.ok
+    (folder / anomaly.ANOMALY_DIR / slicecheck.LIMITS_NAME).unlink()
+    assert demo.reconstruct(bundle, image).check.ok                        # the loaded bundle keeps its limits
+    assert demo.reconstruct(hub.load_bundle(folder), image).check is None   # a reload sees they are gone
+    demo_prior.detector_for(bundle)                # the Anomaly tab's detector is made once per bundle the same way
+    dropped = weakref.ref(bundle.prior)
+    del bundle
+    gc.collect()
+    assert dropped() is None
