@@ -8,6 +8,8 @@
 * Reconstruction: the median of ``--runs`` (10) gradio_client calls of /reconstruct_sample on a bundled slice,
   after one warm-up call; wall time at the client, one request at a time. The client shares one TLS context over
   its requests, as a browser does (``--fresh-tls``: one per request, gradio_client's default, ~33 ms each).
+  gradio_client reads the answer in 50 ms polls (gradio_client 2.7: its SSE reader sleeps 0.05 s while no
+  message is pending), so the figure is an upper bound that moves in 50 ms steps.
 * First frame: ``client.submit`` of /generate (n=1, temperature 1, top-k and top-p off), time until the first
   intermediate output (a partly filled code grid) reaches the client; the median of ``--generations`` (3). The
   time to the finished sample is reported too.
