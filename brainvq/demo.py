@@ -175,26 +175,26 @@ def require_bundle(bundle):
     return bundle
 
 
-T = TypeVar("T")
+K, V = TypeVar("K"), TypeVar("V")
 
 
-class PerBundle(Generic[T]):
-    """A value made on first use for each loaded bundle and dropped with the bundle, for what depends only on its
-    models (the upload check's limits, the anomaly detector): requests then neither re-read files nor re-hash weights."""
+class WeakMemo(Generic[K, V]):
+    """``make(key)`` made on first use for each key object (a loaded bundle, a model) and dropped with the key, for
+    what depends only on the models: requests then neither re-read files nor re-hash weights. Thread-safe."""
 
-    def __init__(self, make: Callable[[object], T]):
+    def __init__(self, make: Callable[[K], V]):
         self._make = make
         self._values: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
-    def __call__(self, bundle) -> T:
+    def __call__(self, key: K) -> V:
         with self._lock:
-            if bundle not in self._values:
-                self._values[bundle] = self._make(bundle)
-            return self._values[bundle]
+            if key not in self._values:
+                self._values[key] = self._make(key)
+            return self._values[key]
 
 
-upload_limits = PerBundle(lambda bundle: slicecheck.limits_for(bundle.folder, bundle.vqvae, bundle.prior))
+upload_limits = WeakMemo(lambda bundle: slicecheck.limits_for(bundle.folder, bundle.vqvae, bundle.prior))
 
 
 def reconstruct(bundle, slice_uint8: np.ndarray) -> Reconstruction:

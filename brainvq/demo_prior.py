@@ -19,7 +19,7 @@ from matplotlib import colormaps
 from scipy import ndimage
 
 from brainvq import anomaly, data, lesions
-from brainvq.demo import DemoError, PerBundle, require_bundle
+from brainvq.demo import DemoError, WeakMemo, require_bundle
 from brainvq.generation import check_generation, code_look
 from brainvq.sampling import sample
 from brainvq.visualize import to_uint8
@@ -39,7 +39,7 @@ def _make_detector(bundle) -> anomaly.Detector:
     return anomaly.Detector.load(bundle.folder, bundle.vqvae, bundle.prior)
 
 
-_detectors = PerBundle(_make_detector)
+_detectors = WeakMemo(_make_detector)
 
 
 def detector_for(bundle) -> anomaly.Detector:

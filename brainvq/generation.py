@@ -15,7 +15,6 @@ import asyncio
 import math
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from brainvq import data
-from brainvq.demo import GenerationError, require_bundle
+from brainvq.demo import GenerationError, WeakMemo, require_bundle
 from brainvq.sampler_process import SamplerProcess
 from brainvq.sampling import SampleProgress, default_settings
 from brainvq.visualize import to_uint8
@@ -144,16 +143,12 @@ def _decoder_reach(vqvae: VQVAE, size: int = 24) -> int:
     return int((rows - middle).abs().max())
 
 
-_LOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_LOOKS_LOCK = threading.Lock()
+_looks: WeakMemo[VQVAE, CodeLook] = WeakMemo(CodeLook.of)
 
 
 def code_look(vqvae: VQVAE) -> CodeLook:
     """``CodeLook`` of ``vqvae``, computed once per model."""
-    with _LOOKS_LOCK:
-        if vqvae not in _LOOKS:
-            _LOOKS[vqvae] = CodeLook.of(vqvae)
-        return _LOOKS[vqvae]
+    return _looks(vqvae)
 
 
 def shade_codes(codes: torch.Tensor, look: CodeLook, size: int) -> np.ndarray:

@@ -125,7 +125,7 @@ def validate_revision(revision: str | None) -> str:
 @dataclass(eq=False)
 class ModelBundle:
     """A loaded VQ-VAE, its prior (None when the bundle has no pixelcnn/) and where they came from; compared by
-    identity, so what is made once per loaded bundle (``brainvq.demo.PerBundle``) can be keyed by it."""
+    identity, so what is made once per loaded bundle (``brainvq.demo.WeakMemo``) can be keyed by it."""
 
     vqvae: VQVAE
     prior: GatedPixelCNN | None
