@@ -102,7 +102,7 @@ def test_limits_are_read_once_per_loaded_bundle_and_dropped_with_it(checked, tmp
     (folder / anomaly.ANOMALY_DIR / slicecheck.LIMITS_NAME).unlink()
     assert demo.reconstruct(bundle, image).check.ok                        # the loaded bundle keeps its limits
     assert demo.reconstruct(hub.load_bundle(folder), image).check is None   # a reload sees they are gone
-    demo_prior.detector_for(bundle)                # the Anomaly tab's detector is made once per bundle the same way
+    assert demo_prior.detector_for(bundle) is demo_prior.detector_for(bundle)   # the Anomaly tab's, made once too
     dropped = weakref.ref(bundle.prior)
     del bundle
     gc.collect()
