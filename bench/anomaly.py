@@ -9,7 +9,8 @@ the search pool. The other validation slices (up to 300) are the healthy calibra
      (grown by one code, 2 restorations; fixed in exploration, see the README);
   2. each component's smoothing (sigma 2, 4 or 8 px) is the one with the best pixel AP on the pool;
   3. the method is the subset of {recon, surprise, ratio, restoration} whose combination (max of the scaled
-     maps) has the best pixel AP on the pool; the image score's quantile (0.99, 0.999, 1) the best image AUROC;
+     maps) has the best pixel AP on the pool; the image score (the quantile 0.99, 0.999 or 1, inside the brain,
+     of those maps combined by their max or their sum) the best image AUROC on the pool;
   4. the calibration is written to CHECKPOINTS/anomaly/calibration.json: the components' scales (the pool's
      healthy slices), the overlay threshold (best Dice on the pool), and the restoration threshold and healthy
      image scores (the healthy calibration set).
@@ -76,10 +77,13 @@ def smoothed(results: list[anomaly.Analysis], name: str, sigma: float) -> np.nda
     return anomaly.smooth(np.stack([r.components[name] for r in results]), sigma)
 
 
-def scores(maps: np.ndarray, masks: np.ndarray, truth: dict, quantile: float) -> dict:
-    """Pixel AP, best Dice and image AUROC overall and per kind. ``masks``: the brains the method found."""
+def scores(maps: np.ndarray, masks: np.ndarray, truth: dict, quantile: float,
+           score_maps: np.ndarray | None = None) -> dict:
+    """Pixel AP, best Dice and image AUROC overall and per kind. ``masks``: the brains the method found; the image
+    score is the ``quantile`` of ``score_maps`` (default: the maps) inside them."""
     lesioned = truth["kind"] != "healthy"
-    image = np.array([anomaly.image_score(m, b, quantile) for m, b in zip(maps, masks)])
+    image = np.array([anomaly.image_score(m, b, quantile) for m, b in zip(maps if score_maps is None else score_maps,
+                                                                           masks)])
 
     def block(select: np.ndarray) -> dict:
         brain = truth["brain"][select]
@@ -107,7 +111,7 @@ def choose(detector, val: data.SliceSet, args) -> tuple[anomaly.Calibration, dic
     found = measure(detector, pool["x"], names, threshold, args.sampling_seed, args.batch, "val pool")
     masks = np.stack([r.brain for r in found])
     is_healthy = pool["kind"] == "healthy"
-    search: dict = {"sigma": {}, "subsets": {}, "quantile": {}}
+    search: dict = {"sigma": {}, "subsets": {}, "image_score": {}}
     maps = {}
     for name in names:
         best = None
@@ -129,9 +133,12 @@ def choose(detector, val: data.SliceSet, args) -> tuple[anomaly.Calibration, dic
                 best = (ap, subset)
     settings.components = best[1]
     chosen = anomaly.combine(maps, masks, scales, settings.components)
-    for q in QUANTILES:
-        search["quantile"][str(q)] = scores(chosen, masks, pool, q)["image_auroc"]
-    settings.image_quantile = float(max(QUANTILES, key=lambda q: search["quantile"][str(q)]))
+    for rule in anomaly.RULES:
+        combined = anomaly.combine(maps, masks, scales, settings.components, rule)
+        for q in QUANTILES:
+            search["image_score"][f"{rule}@{q:g}"] = scores(chosen, masks, pool, q, combined)["image_auroc"]
+    best_score = max(search["image_score"], key=search["image_score"].get)
+    settings.image_rule, settings.image_quantile = best_score.split("@")[0], float(best_score.split("@")[1])
     pool_brain = pool["brain"]
     search["best_dice"], pixel_threshold = best_dice(chosen[pool_brain], pool["label"][pool_brain])
     if "restoration" in settings.components:   # the healthy set was measured without it
@@ -166,7 +173,9 @@ def evaluate(detector, calibration: anomaly.Calibration, test: data.SliceSet, ar
         results[name] = scores(maps, masks, truth, settings.image_quantile)
     for r in found:
         r.map = anomaly.combine(r.components, r.brain, calibration.scales, settings.components)
-    results["chosen"] = scores(np.stack([r.map for r in found]), masks, truth, settings.image_quantile)
+    score_maps = np.stack([anomaly.combine(r.components, r.brain, calibration.scales, settings.components,
+                                           settings.image_rule) for r in found])
+    results["chosen"] = scores(np.stack([r.map for r in found]), masks, truth, settings.image_quantile, score_maps)
     return results, {"truth": truth, "found": found}
 
 
@@ -205,7 +214,7 @@ def figure(calibration: anomaly.Calibration, shown: dict, path: Path) -> None:
 
 
 def image_score_text(result: anomaly.Analysis, calibration: anomaly.Calibration) -> str:
-    score = anomaly.image_score(result.map, result.brain, calibration.settings.image_quantile)
+    score = anomaly.slice_score(result.components, result.brain, calibration.scales, calibration.settings)
     return f"{score:.2f}, {calibration.percentile(score):.0f}th pct"
 
 
@@ -256,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     baseline, chosen = results["recon"], results["chosen"]
     report = {"chosen": {"components": list(calibration.settings.components), "sigma": calibration.settings.sigma,
                          "image_quantile": calibration.settings.image_quantile,
+                         "image_rule": calibration.settings.image_rule,
                          "restore_threshold_bits": calibration.restore_threshold},
               "test": results, "validation_search": search,
               "pixel_ap_vs_baseline": chosen["pixel_ap"] / baseline["pixel_ap"],

@@ -15,8 +15,9 @@ Component maps, each a 256x256 float map of the padded frame (higher = more anom
 
 A method (``Settings``) names the components it combines. Each component is scaled by its healthy-slice
 statistics (0 at the median, 1 at the 99th percentile of healthy validation brain pixels), the scaled maps are
-combined by their maximum, and the result is masked to the brain. The image score is a high quantile of the map
-inside the brain, reported as a percentile of healthy validation slices' scores.
+combined by their maximum, and the result is masked to the brain. The image score is a high quantile, inside the
+brain, of that map or of the scaled maps' sum (``Settings.image_rule``), reported as a percentile of healthy
+validation slices' scores.
 
 Settings, scales and healthy scores come from ``bench/anomaly.py``, which chooses them on validation slices and
 writes them to ``calibration.json`` beside the local prior (``checkpoints/anomaly/``).
@@ -46,6 +47,7 @@ from brainvq.sampling import BatchSampler
 from brainvq.vqvae import VQVAE
 
 COMPONENTS = ("recon", "nll", "surprise", "ratio", "restoration")
+RULES = ("max", "sum")                  # how scaled components combine
 ANOMALY_DIR = "anomaly"                 # inside a checkpoints folder: local/ (the local prior), calibration.json
 CALIBRATION_NAME = "calibration.json"
 CALIBRATE = ("Create one with `python bench/anomaly.py --checkpoints {folder} --data-dir DATA` (it sets the "
@@ -83,7 +85,8 @@ class Settings:
     components: tuple[str, ...] = ("recon", "surprise", "ratio")
     sigma: dict[str, float] = field(default_factory=lambda: {"recon": 4.0, "nll": 8.0, "surprise": 8.0,
                                                              "ratio": 8.0, "restoration": 8.0})
-    image_quantile: float = 0.999      # the image score: this quantile of the map inside the brain
+    image_quantile: float = 0.999      # the image score: this quantile, inside the brain, of ...
+    image_rule: str = "max"            # ... the scaled components combined by "max" (the map itself) or "sum"
     restore_fraction: float = 0.05     # resample the codes whose surprise exceeds that of this share of healthy codes
     restore_dilation: int = 1          # ... grown by this many codes, so a lesion's inside goes too
     restorations: int = 2              # restorations averaged
@@ -93,6 +96,8 @@ class Settings:
         unknown = set(self.components) - set(COMPONENTS)
         if unknown or not self.components:
             raise AnomalyError(f"components must be a non-empty subset of {COMPONENTS}, not {self.components}")
+        if self.image_rule not in RULES:
+            raise AnomalyError(f"image_rule must be one of {RULES}, not {self.image_rule!r}")
 
 
 @dataclass
@@ -169,16 +174,24 @@ def scale(raw: np.ndarray, median: float, high: float) -> np.ndarray:
 
 
 def combine(components: dict[str, np.ndarray], brain: np.ndarray, scales: dict[str, tuple[float, float]],
-            names: Sequence[str]) -> np.ndarray:
-    """The anomaly map: the largest scaled component ``names`` at each pixel, clipped at 0, 0 outside the brain
-    (maps and brain of one slice, or stacks of them)."""
+            names: Sequence[str], rule: str = "max") -> np.ndarray:
+    """The scaled components ``names`` combined at each pixel by their maximum (the anomaly map) or their sum,
+    clipped at 0, 0 outside the brain (maps and brain of one slice, or stacks of them)."""
     scaled = [scale(components[name], *scales[name]) for name in names]
-    return np.where(brain, np.maximum(np.maximum.reduce(scaled), 0.0), 0.0).astype(np.float32)
+    combined = np.maximum.reduce(scaled) if rule == "max" else np.add.reduce(scaled)
+    return np.where(brain, np.maximum(combined, 0.0), 0.0).astype(np.float32)
 
 
 def image_score(anomaly_map: np.ndarray, brain: np.ndarray, quantile: float) -> float:
     """A high quantile of the map inside the brain (0 for a slice without brain)."""
     return float(np.quantile(anomaly_map[brain], quantile)) if brain.any() else 0.0
+
+
+def slice_score(components: dict[str, np.ndarray], brain: np.ndarray, scales: dict[str, tuple[float, float]],
+                settings: Settings) -> float:
+    """A slice's image score by ``settings``: its quantile of the components combined by its image rule."""
+    combined = combine(components, brain, scales, settings.components, settings.image_rule)
+    return image_score(combined, brain, settings.image_quantile)
 
 
 def fit_scales(components: Sequence[dict[str, np.ndarray]], brains: Sequence[np.ndarray]) -> dict[str, tuple[float, float]]:
@@ -309,7 +322,7 @@ class Detector:
         results = self.measure(images, names, settings, calibration.restore_threshold, seed, progress)
         for result in results:
             result.map = combine(result.components, result.brain, calibration.scales, settings.components)
-            result.score = image_score(result.map, result.brain, settings.image_quantile)
+            result.score = slice_score(result.components, result.brain, calibration.scales, settings)
             result.percentile = calibration.percentile(result.score)
         return results
 
@@ -332,8 +345,7 @@ def calibrate(healthy: Sequence[Analysis], settings: Settings, models: dict[str,
                                   [a.brain for a in healthy])
     scales = {n: scales[n] for n in settings.components}
     calibration = Calibration(settings, models, scales, [], threshold, pixel_threshold, notes or {})
-    maps = [combine(a.components, a.brain, scales, settings.components) for a in healthy]
-    calibration.healthy_scores = sorted(image_score(m, a.brain, settings.image_quantile) for m, a in zip(maps, healthy))
+    calibration.healthy_scores = sorted(slice_score(a.components, a.brain, scales, settings) for a in healthy)
     return calibration
 
 

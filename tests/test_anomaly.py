@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,7 @@ def test_analyze_gives_calibrated_maps_and_scores(bundle):
     for r in results:
         assert r.map.shape == (256, 256) and r.map.dtype == np.float32
         assert r.map.min() >= 0 and not r.map[~r.brain].any()
-        assert r.score == pytest.approx(anomaly.image_score(r.map, r.brain, cal.settings.image_quantile))
+        assert r.score == pytest.approx(anomaly.image_score(r.map, r.brain, cal.settings.image_quantile))  # "max"
         assert 0.0 <= r.percentile <= 100.0 and r.restoration is not None
         assert "nll" in r.components
     assert cal.percentile(-1.0) == 0.0 and cal.percentile(1e9) == 100.0
@@ -157,6 +158,27 @@ def test_combine_scales_each_component_by_its_healthy_statistics():
     assert not anomaly.combine({"recon": np.zeros((4, 4)), "nll": np.zeros((4, 4))}, brain, scales, names).any()
     stack = anomaly.combine({k: np.stack([v, v]) for k, v in comps.items()}, np.stack([brain, brain]), scales, names)
     assert np.array_equal(stack[1], out)
+
+
+def test_the_sum_rule_scores_slices_by_the_summed_scaled_components(bundle, tmp_path):
+    detector = anomaly.Detector.load(bundle)
+    cal = detector.require_calibration()
+    healthy = detector.measure(slices(3, seed=60), cal.settings.components, cal.settings, cal.restore_threshold)
+    summed = anomaly.calibrate(healthy, replace(cal.settings, image_rule="sum"), cal.models, cal.restore_threshold,
+                               cal.scales)
+    detector.calibration = summed
+    result = detector.analyze(slices(1, seed=61))[0]
+    assert np.array_equal(result.map, anomaly.combine(result.components, result.brain, cal.scales,
+                                                      cal.settings.components))      # the map is still the max
+    total = sum(anomaly.scale(result.components[n], *cal.scales[n]) for n in cal.settings.components)
+    expected = np.quantile(np.maximum(total, 0)[result.brain], cal.settings.image_quantile)
+    assert result.score == pytest.approx(expected, rel=1e-5)
+    assert summed.healthy_scores == sorted(anomaly.slice_score(a.components, a.brain, cal.scales, summed.settings)
+                                           for a in healthy)
+    loaded = anomaly.Calibration.load(summed.save(tmp_path / "summed.json"))
+    assert loaded.settings.image_rule == "sum"
+    with pytest.raises(anomaly.AnomalyError, match="image_rule must be one of"):
+        anomaly.Settings(image_rule="mean")
 
 
 def test_calibration_must_match_the_models(bundle, tmp_path):
