@@ -137,8 +137,8 @@ def choose(detector, val: data.SliceSet, args) -> tuple[anomaly.Calibration, dic
         combined = anomaly.combine(maps, masks, scales, settings.components, rule)
         for q in QUANTILES:
             search["image_score"][f"{rule}@{q:g}"] = scores(chosen, masks, pool, q, combined)["image_auroc"]
-    best_score = max(search["image_score"], key=search["image_score"].get)
-    settings.image_rule, settings.image_quantile = best_score.split("@")[0], float(best_score.split("@")[1])
+    rule, quantile = max(search["image_score"], key=search["image_score"].get).split("@")
+    settings.image_rule, settings.image_quantile = rule, float(quantile)
     pool_brain = pool["brain"]
     search["best_dice"], pixel_threshold = best_dice(chosen[pool_brain], pool["label"][pool_brain])
     if "restoration" in settings.components:   # the healthy set was measured without it
