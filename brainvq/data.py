@@ -194,6 +194,25 @@ def content_box(shape: tuple[int, int], size: int = IMAGE_SIZE) -> tuple[int, in
     return (size - height) // 2, (size - width) // 2, height, width
 
 
+def zoom_frames(images: np.ndarray, factor: float) -> np.ndarray:
+    """Zoom uint8 (N,S,S) frames about their centre by ``factor`` (bilinear), cropping or black-padding back to S:
+    brains of another size, for training a prior that does not expect every brain to be the training slices' size."""
+    if factor == 1:
+        return np.asarray(images)
+    size = images.shape[-1]
+    new = max(1, round(size * factor))
+    out = np.zeros_like(images)
+    for i, frame in enumerate(images):
+        big = np.asarray(Image.fromarray(np.asarray(frame)).resize((new, new), Image.Resampling.BILINEAR))
+        if new >= size:
+            start = (new - size) // 2
+            out[i] = big[start:start + size, start:start + size]
+        else:
+            start = (size - new) // 2
+            out[i, start:start + new, start:start + new] = big
+    return out
+
+
 def read_slice(path: Path) -> np.ndarray:
     """Decode one slice file to uint8 256x256, or raise DataError naming the file."""
     try:

@@ -575,3 +575,16 @@ def test_real_alzheimer_set(real_data):
     assert x.shape == (1, 256, 256) and x.dtype == torch.float32 and 0 <= float(x.min()) <= float(x.max()) <= 1
     assert [i.path for i in load_split(real_data, "val", seed=0).items] == [i.path for i in val.items]
     assert [i.path for i in load_split(real_data, "val", seed=1).items] != [i.path for i in val.items]
+
+
+def test_zoom_frames_scales_the_brain_about_the_frame_centre():
+    frame = np.zeros((1, 256, 256), np.uint8)
+    frame[0, 24:232, 40:216] = 200                     # a 208x176 "brain", placed as to_slice places one
+    assert np.array_equal(data.zoom_frames(frame, 1.0), frame)
+    for factor in (0.9, 1.1):
+        zoomed = data.zoom_frames(frame, factor)
+        rows, cols = np.nonzero(zoomed[0] > 100)
+        assert zoomed.shape == frame.shape and zoomed.dtype == np.uint8
+        assert abs((rows.max() - rows.min() + 1) - 208 * factor) <= 2
+        assert abs((cols.max() - cols.min() + 1) - 176 * factor) <= 2
+        assert abs((rows.max() + rows.min()) / 2 - 127.5) <= 1 and abs((cols.max() + cols.min()) / 2 - 127.5) <= 1

@@ -120,3 +120,9 @@ def test_code_cache_is_keyed_by_data_split_seed_and_limit(tmp_path, folder_tree,
     codes(oasis_tree)
     names = sorted(p.name for p in cache.glob("*.npy"))
     assert len(names) == 4 and len({n.split("-")[1] for n in names}) == 1, names  # one VQ-VAE, four data keys
+    zoomed = script.cached_codes(vqvae, script.parse_args([]), slices, "val", cache, is_main=True, zoom=0.9)
+    assert len(list(cache.glob("*.npy"))) == 5                 # a zoom is a key of its own, not the unzoomed codes
+    assert torch.equal(zoomed, encode_array(vqvae, data.zoom_frames(slices.images, 0.9)))
+    assert script.parse_args(["--zoom", "0.9,1,1.1"]).zooms == [0.9, 1.0, 1.1]
+    with pytest.raises(SystemExit):
+        script.parse_args(["--zoom", "0,x"])

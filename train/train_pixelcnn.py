@@ -40,6 +40,7 @@ LAYERS = 10
 EMBED_DIM = 48
 POS_DIM = 16
 MAX_DILATION = 32
+ZOOM = "1"
 EPOCHS = 10
 BATCH_SIZE = 16
 LR = 2e-3
@@ -56,35 +57,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pos-dim", type=int, default=POS_DIM, help="positional map channels; 0 disables it")
     p.add_argument("--max-dilation", type=int, default=MAX_DILATION, help="1 disables dilation")
     p.add_argument("--first-kernel", type=int, default=7)
+    p.add_argument("--zoom", default=ZOOM, help="comma-separated zoom factors: every training slice is also encoded "
+                                                "zoomed about its centre by each (e.g. 0.9,1,1.1), so the prior "
+                                                "learns brains of other sizes; validation stays unzoomed")
     p.add_argument("--grow-from", help="start from this trained prior, grown to --layers/--max-dilation without "
                                        "changing what it computes (pixelcnn.grow); ignored with --resume")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.zooms = [float(z) for z in args.zoom.split(",")]
+    except ValueError:
+        args.zooms = []
+    if not args.zooms or not all(0.5 <= z <= 2 for z in args.zooms):
+        p.error(f"--zoom takes comma-separated factors between 0.5 and 2, such as 0.9,1,1.1; got {args.zoom!r}")
+    return args
 
 
 def cached_codes(vqvae: VQVAE, args: argparse.Namespace, slices: data.SliceSet, split: str, folder: Path,
-                 is_main: bool) -> torch.Tensor:
-    """Codes of one split, encoded once and cached atomically (uint16 .npy) under a name that holds the VQ-VAE's
-    fingerprint and a hash of the data root, layout, split seed and limit: any other choice encodes afresh.
+                 is_main: bool, zoom: float = 1.0) -> torch.Tensor:
+    """Codes of one split, zoomed by ``zoom`` (data.zoom_frames), encoded once and cached atomically (uint16 .npy)
+    under a name that holds the VQ-VAE's fingerprint and a hash of the data root, layout, split seed, limit and
+    zoom: any other choice encodes afresh.
 
     Under torchrun rank 0 reads or builds the cache while the other ranks wait at a barrier, then they read
     its file: one encoder pass, no rank reads a half-written file, and every rank trains on the same codes.
     """
     key = f"{Path(slices.root).resolve()}|{slices.layout}|split-seed {args.split_seed}|limit {args.limit}"
+    if zoom != 1:
+        key += f"|zoom {zoom:g}"
     path = folder / f"codes-{vqvae.fingerprint()}-{hashlib.sha256(key.encode()).hexdigest()[:8]}-{split}.npy"
-    codes = _load_or_encode(vqvae, slices, split, path, write=True) if is_main else None
+    codes = _load_or_encode(vqvae, slices, split, path, zoom, write=True) if is_main else None
     barrier()
     if codes is None:  # another rank: rank 0 has written the cache by now
-        codes = _load_or_encode(vqvae, slices, split, path, write=False)
+        codes = _load_or_encode(vqvae, slices, split, path, zoom, write=False)
     return codes
 
 
-def _load_or_encode(vqvae: VQVAE, slices: data.SliceSet, split: str, path: Path, write: bool) -> torch.Tensor:
+def _load_or_encode(vqvae: VQVAE, slices: data.SliceSet, split: str, path: Path, zoom: float,
+                    write: bool) -> torch.Tensor:
     if path.exists():
         try:
             return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
         except (OSError, ValueError) as error:
             print(f"re-encoding {path.name}: unreadable cache ({error})")
-    codes = encode_array(vqvae, slices.images, progress=f"encoding {split} codes" if write else None)
+    images = data.zoom_frames(slices.images, zoom)
+    codes = encode_array(vqvae, images, progress=f"encoding {split} codes (zoom {zoom:g})" if write else None)
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, lambda f: np.save(f, codes.numpy().astype(np.uint16), allow_pickle=False))
@@ -112,8 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     vqvae = VQVAE.from_pretrained(args.vqvae, map_location=str(runtime.device))
     codes_dir = Path(args.codes_dir) if args.codes_dir else out
     train_set, val_set = load_splits(args, runtime)
-    train_codes, val_codes = (cached_codes(vqvae, args, slices, split, codes_dir, runtime.is_main)
-                              for slices, split in ((train_set, "train"), (val_set, "val")))
+    train_codes = torch.cat([cached_codes(vqvae, args, train_set, "train", codes_dir, runtime.is_main, zoom)
+                             for zoom in args.zooms])
+    val_codes = cached_codes(vqvae, args, val_set, "val", codes_dir, runtime.is_main)
     unigram = entropy_bits(code_histogram(train_codes, vqvae.cfg.num_codes))
     if runtime.is_main:
         print(f"codes: train {tuple(train_codes.shape)} val {tuple(val_codes.shape)}; unigram {unigram:.3f} bits/code; "
@@ -129,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"vqvae": {"path": str(args.vqvae), "fingerprint": vqvae.fingerprint()},
             "data": data_meta(args, train_set, val_set),
             "train": {k: v for k, v in vars(args).items()
-                      if k not in ("data_dir", "out", "codes_dir", "resume", "vqvae")}}
+                      if k not in ("data_dir", "out", "codes_dir", "resume", "vqvae", "zooms")}}
     # Same sampler with or without torchrun: global batch s holds the same grids at any world size.
     loader = data.make_loader(train_codes, args.batch_size, shuffle=True, seed=args.seed,
                               distributed=runtime.distributed, drop_last=True)
