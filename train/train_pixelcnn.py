@@ -100,7 +100,8 @@ def _load_or_encode(vqvae: VQVAE, slices: data.SliceSet, split: str, path: Path,
         except (OSError, ValueError) as error:
             print(f"re-encoding {path.name}: unreadable cache ({error})")
     images = data.zoom_frames(slices.images, zoom)
-    codes = encode_array(vqvae, images, progress=f"encoding {split} codes (zoom {zoom:g})" if write else None)
+    label = f"encoding {split} codes" + (f" (zoom {zoom:g})" if zoom != 1 else "")
+    codes = encode_array(vqvae, images, progress=label if write else None)
     if write:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, lambda f: np.save(f, codes.numpy().astype(np.uint16), allow_pickle=False))
