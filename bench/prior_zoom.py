@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
     val = data.load_split(args.data_dir, "val", args.split_seed)
     test = data.load_split(args.data_dir, "test")
     result = {"pixelcnn": args.pixelcnn, "split_seed": args.split_seed}
+    val_boxes = original_boxes(val)
     for zoom in (float(z) for z in args.zoom.split(",")):
         codes = encode_array(vqvae, data.zoom_frames(val.images, zoom), progress=f"encoding validation (zoom {zoom:g})")
-        area = code_area_masks(zoomed_boxes(original_boxes(val), zoom), grid)
+        area = code_area_masks(zoomed_boxes(val_boxes, zoom), grid)
         result[f"val_zoom_{zoom:g}"] = evaluate_prior(prior, codes, train_codes, area, train_area)
         print(f"val_zoom_{zoom:g}", result[f"val_zoom_{zoom:g}"], flush=True)
     codes = encode_array(vqvae, test.images, progress="encoding test")

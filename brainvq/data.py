@@ -204,12 +204,8 @@ def zoom_frames(images: np.ndarray, factor: float) -> np.ndarray:
     out = np.zeros_like(images)
     for i, frame in enumerate(images):
         big = np.asarray(Image.fromarray(np.asarray(frame)).resize((new, new), Image.Resampling.BILINEAR))
-        if new >= size:
-            start = (new - size) // 2
-            out[i] = big[start:start + size, start:start + size]
-        else:
-            start = (size - new) // 2
-            out[i, start:start + new, start:start + new] = big
+        start = (new - size) // 2
+        out[i] = big[start:start + size, start:start + size] if new >= size else to_slice(Image.fromarray(big), size)[0]
     return out
 
 

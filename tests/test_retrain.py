@@ -123,6 +123,6 @@ def test_code_cache_is_keyed_by_data_split_seed_and_limit(tmp_path, folder_tree,
     zoomed = script.cached_codes(vqvae, script.parse_args([]), slices, "val", cache, is_main=True, zoom=0.9)
     assert len(list(cache.glob("*.npy"))) == 5                 # a zoom is a key of its own, not the unzoomed codes
     assert torch.equal(zoomed, encode_array(vqvae, data.zoom_frames(slices.images, 0.9)))
-    assert script.parse_args(["--zoom", "0.9,1,1.1"]).zooms == [0.9, 1.0, 1.1]
+    assert script.parse_args(["--zoom", "0.9,1,1.1"]).zoom == [0.9, 1.0, 1.1]
     with pytest.raises(SystemExit):
         script.parse_args(["--zoom", "0,x"])

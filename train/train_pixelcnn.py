@@ -57,19 +57,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pos-dim", type=int, default=POS_DIM, help="positional map channels; 0 disables it")
     p.add_argument("--max-dilation", type=int, default=MAX_DILATION, help="1 disables dilation")
     p.add_argument("--first-kernel", type=int, default=7)
-    p.add_argument("--zoom", default=ZOOM, help="comma-separated zoom factors: every training slice is also encoded "
-                                                "zoomed about its centre by each (e.g. 0.9,1,1.1), so the prior "
-                                                "learns brains of other sizes; validation stays unzoomed")
+    p.add_argument("--zoom", type=zoom_factors, default=ZOOM,
+                   help="comma-separated zoom factors: every training slice is also encoded zoomed about its centre "
+                        "by each (e.g. 0.9,1,1.1), so the prior learns brains of other sizes; validation stays unzoomed")
     p.add_argument("--grow-from", help="start from this trained prior, grown to --layers/--max-dilation without "
                                        "changing what it computes (pixelcnn.grow); ignored with --resume")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def zoom_factors(text: str) -> list[float]:
+    """``--zoom``'s comma-separated factors, each between 0.5 and 2."""
     try:
-        args.zooms = [float(z) for z in args.zoom.split(",")]
+        zooms = [float(z) for z in text.split(",")]
     except ValueError:
-        args.zooms = []
-    if not args.zooms or not all(0.5 <= z <= 2 for z in args.zooms):
-        p.error(f"--zoom takes comma-separated factors between 0.5 and 2, such as 0.9,1,1.1; got {args.zoom!r}")
-    return args
+        zooms = []
+    if not zooms or not all(0.5 <= z <= 2 for z in zooms):
+        raise argparse.ArgumentTypeError(f"takes comma-separated factors between 0.5 and 2, such as 0.9,1,1.1; "
+                                         f"got {text!r}")
+    return zooms
 
 
 def cached_codes(vqvae: VQVAE, args: argparse.Namespace, slices: data.SliceSet, split: str, folder: Path,
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     codes_dir = Path(args.codes_dir) if args.codes_dir else out
     train_set, val_set = load_splits(args, runtime)
     train_codes = torch.cat([cached_codes(vqvae, args, train_set, "train", codes_dir, runtime.is_main, zoom)
-                             for zoom in args.zooms])
+                             for zoom in args.zoom])
     val_codes = cached_codes(vqvae, args, val_set, "val", codes_dir, runtime.is_main)
     unigram = entropy_bits(code_histogram(train_codes, vqvae.cfg.num_codes))
     if runtime.is_main:
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"vqvae": {"path": str(args.vqvae), "fingerprint": vqvae.fingerprint()},
             "data": data_meta(args, train_set, val_set),
             "train": {k: v for k, v in vars(args).items()
-                      if k not in ("data_dir", "out", "codes_dir", "resume", "vqvae", "zooms")}}
+                      if k not in ("data_dir", "out", "codes_dir", "resume", "vqvae")}}
     # Same sampler with or without torchrun: global batch s holds the same grids at any world size.
     loader = data.make_loader(train_codes, args.batch_size, shuffle=True, seed=args.seed,
                               distributed=runtime.distributed, drop_last=True)
