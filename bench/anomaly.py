@@ -8,8 +8,8 @@ the search pool. The other validation slices (up to 300) are the healthy calibra
   1. the restoration resamples the codes whose surprise exceeds that of 5% of the healthy slices' brain codes
      (grown by one code, 2 restorations; fixed in exploration, see the README);
   2. each component's smoothing (sigma 2, 4 or 8 px) is the one with the best pixel AP on the pool;
-  3. the method is the subset of {recon, surprise, ratio, restoration, repair} whose combination (max of the
-     scaled maps) has the best pixel AP on the pool; the image score (the quantile 0.99, 0.999 or 1, inside the brain,
+  3. the method is the subset of {recon, surprise, ratio, restoration} whose combination (max of the scaled
+     maps) has the best pixel AP on the pool; the image score (the quantile 0.99, 0.999 or 1, inside the brain,
      of those maps combined by their max or their sum) the best image AUROC on the pool;
   4. the calibration is written to CHECKPOINTS/anomaly/calibration.json: the components' scales (the pool's
      healthy slices), the overlay threshold (best Dice on the pool), and the restoration threshold and healthy
@@ -41,8 +41,7 @@ from brainvq.io import write_report  # noqa: E402
 from brainvq.metrics import auroc, average_precision, best_dice  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SEARCHED = ("recon", "surprise", "ratio", "restoration", "repair")
-SAMPLED = {"restoration", "repair"}          # the components that need restorations
+SEARCHED = ("recon", "surprise", "ratio", "restoration")
 SIGMAS = (2.0, 4.0, 8.0)
 QUANTILES = (0.99, 0.999, 1.0)
 RAW = anomaly.Settings(sigma={name: 0.0 for name in anomaly.COMPONENTS})   # smoothing is applied here
@@ -106,7 +105,7 @@ def choose(detector, val: data.SliceSet, args) -> tuple[anomaly.Calibration, dic
     rest_images = val.images[rest].astype(np.float32) / 255.0
     names = [n for n in SEARCHED if n != "ratio" or detector.local is not None]
     settings = anomaly.Settings()
-    cheap = [n for n in names if n not in SAMPLED]
+    cheap = [n for n in names if n != "restoration"]
     healthy = measure(detector, rest_images, cheap, None, args.sampling_seed, args.batch, "val healthy")
     threshold = anomaly.restore_threshold(healthy, settings.restore_fraction)
     found = measure(detector, pool["x"], names, threshold, args.sampling_seed, args.batch, "val pool")
@@ -142,7 +141,7 @@ def choose(detector, val: data.SliceSet, args) -> tuple[anomaly.Calibration, dic
     settings.image_rule, settings.image_quantile = rule, float(quantile)
     pool_brain = pool["brain"]
     search["best_dice"], pixel_threshold = best_dice(chosen[pool_brain], pool["label"][pool_brain])
-    if SAMPLED & set(settings.components):   # the healthy set was measured without them
+    if "restoration" in settings.components:   # the healthy set was measured without it
         healthy = measure(detector, rest_images, settings.components, threshold, args.sampling_seed, args.batch,
                           "val healthy (restoration)")
     for result in healthy:

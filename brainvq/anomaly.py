@@ -12,8 +12,6 @@ Component maps, each a 256x256 float map of the padded frame (higher = more anom
   restoration  |x - mean restoration|: the codes the prior finds unlikely are resampled in raster order with
                the cached sampler, keeping every other code, several times; the mean decoded restoration is
                what a healthy brain would look like there.
-  repair       |recon - mean restoration|: what the restoration changed. Away from the resampled codes both
-               decode the same codes, so the VQ-VAE's own texture error cancels, unlike in ``restoration``.
 
 A method (``Settings``) names the components it combines. Each component is scaled by its healthy-slice
 statistics (0 at the median, 1 at the 99th percentile of healthy validation brain pixels), the scaled maps are
@@ -48,7 +46,7 @@ from brainvq.pixelcnn import GatedPixelCNN, code_nll
 from brainvq.sampling import BatchSampler
 from brainvq.vqvae import VQVAE
 
-COMPONENTS = ("recon", "nll", "surprise", "ratio", "restoration", "repair")
+COMPONENTS = ("recon", "nll", "surprise", "ratio", "restoration")
 RULES = ("max", "sum")                  # how scaled components combine
 ANOMALY_DIR = "anomaly"                 # inside a checkpoints folder: local/ (the local prior), calibration.json
 CALIBRATION_NAME = "calibration.json"
@@ -86,7 +84,7 @@ class Settings:
 
     components: tuple[str, ...] = ("recon", "surprise", "ratio")
     sigma: dict[str, float] = field(default_factory=lambda: {"recon": 4.0, "nll": 8.0, "surprise": 8.0,
-                                                             "ratio": 8.0, "restoration": 8.0, "repair": 8.0})
+                                                             "ratio": 8.0, "restoration": 8.0})
     image_quantile: float = 0.999      # the image score: this quantile, inside the brain, of ...
     image_rule: str = "max"            # ... the scaled components combined by "max" (the map itself) or "sum"
     restore_fraction: float = 0.05     # resample the codes whose surprise exceeds that of this share of healthy codes
@@ -253,9 +251,9 @@ class Detector:
                 progress: Callable[[int, int], None] | None = None) -> list[Analysis]:
         """The named component maps of a (B,256,256) float batch in [0,1] (no map or score yet).
 
-        Restoration (when restoration or repair is named) resamples the codes whose surprise exceeds
-        ``restore_threshold`` bits, grown by ``settings.restore_dilation``, ``settings.restorations`` times per
-        slice, slice ``k`` with seed ``seed + k``; ``progress(done, total)`` follows the sampler.
+        Restoration (when named) resamples the codes whose surprise exceeds ``restore_threshold`` bits, grown by
+        ``settings.restore_dilation``, ``settings.restorations`` times per slice, slice ``k`` with seed
+        ``seed + k``; ``progress(done, total)`` follows the sampler.
         """
         names = list(dict.fromkeys(names))
         if "ratio" in names and self.local is None:
@@ -283,7 +281,7 @@ class Detector:
             local_nll = code_nll(self.local(codes), codes).cpu() / LN2
             raw["ratio"] = to_pixels(nll - local_nll, size, settings.sigma["ratio"])
         restored = None
-        if {"restoration", "repair"} & set(names):
+        if "restoration" in names:
             if restore_threshold is None:
                 restore_threshold = self.require_calibration().restore_threshold
             unlikely = (surprise.numpy() > restore_threshold) & code_mask(brains, grid)
@@ -291,10 +289,7 @@ class Detector:
                 unlikely = np.stack([ndimage.binary_dilation(u, iterations=settings.restore_dilation) for u in unlikely])
             unlikely &= code_mask(brains, grid)
             restored = self.restore(codes.cpu(), torch.from_numpy(unlikely), settings.restorations, seed, progress)
-            if "restoration" in names:
-                raw["restoration"] = smooth(np.abs(images - restored), settings.sigma["restoration"])
-            if "repair" in names:
-                raw["repair"] = smooth(np.abs(recon.numpy() - restored), settings.sigma["repair"])
+            raw["restoration"] = smooth(np.abs(images - restored), settings.sigma["restoration"])
         return [Analysis(images[k], brains[k], recon[k].numpy(), codes[k].cpu().numpy(), nll[k].numpy(),
                          surprise[k].numpy(),
                          {name: raw[name][k] for name in names},
