@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-dir", help="data root (default $BRAINVQ_DATA or ./keras_png_slices_data)")
     p.add_argument("--vqvae", default="checkpoints/vqvae")
     p.add_argument("--pixelcnn", default="checkpoints/pixelcnn")
-    p.add_argument("--zoom", default="0.9,1", help="comma-separated zooms of the validation slices")
+    p.add_argument("--zoom", type=train_pixelcnn.zoom_factors, default="0.9,1",
+                   help="comma-separated zooms of the validation slices")
     p.add_argument("--codes-dir", default="runs/codes", help="cache of the training split's codes (train_pixelcnn)")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--json", required=True)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     test = data.load_split(args.data_dir, "test")
     result = {"pixelcnn": args.pixelcnn, "split_seed": args.split_seed}
     val_boxes = original_boxes(val)
-    for zoom in (float(z) for z in args.zoom.split(",")):
+    for zoom in args.zoom:
         codes = encode_array(vqvae, data.zoom_frames(val.images, zoom), progress=f"encoding validation (zoom {zoom:g})")
         area = code_area_masks(zoomed_boxes(val_boxes, zoom), grid)
         result[f"val_zoom_{zoom:g}"] = evaluate_prior(prior, codes, train_codes, area, train_area)
