@@ -127,6 +127,28 @@ def _folder_items(root: Path, part: str) -> list[SliceItem]:
     return items
 
 
+KAGGLE_NAME = re.compile(r"^(\d+)(?: \((\d+)\))?$")
+
+
+def kaggle_volume(item: SliceItem) -> str | None:
+    """The volume a test file of the Kaggle 4-class set belongs to, read from its name: "N (k).jpg" is slice N of
+    volume k of its class folder, "N.jpg" a slice of the folder's first volume (an undocumented convention,
+    measured by bench/volumes.py). None for other names, such as the train folder's "nonDem123.jpg"."""
+    match = KAGGLE_NAME.match(Path(item.path).stem)
+    if match is None or item.label is None:
+        return None
+    return f"{Path(item.path).parts[0]}/{item.label}/{match.group(2) or 0}"
+
+
+def volume_halves(items: Sequence[SliceItem], seed: int) -> tuple[list[int], list[int]]:
+    """Indices of two halves of a partition with no volume in both (kaggle_volume, else the OASIS case, else each
+    file on its own), drawn by ``seed``: one half to choose on, the other to report on."""
+    groups = [kaggle_volume(item) or item.case or item.path for item in items]
+    names = sorted(set(groups))
+    first = {names[i] for i in np.random.default_rng(seed).permutation(len(names))[:len(names) // 2]}
+    return [i for i, g in enumerate(groups) if g in first], [i for i, g in enumerate(groups) if g not in first]
+
+
 def list_partition(root: Path, layout: str, part: str) -> list[SliceItem]:
     """Items of a partition: "pool" (everything train/val is drawn from) or "test"."""
     items = (_oasis_items if layout == "oasis" else _folder_items)(root, part)

@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from brainvq import data
 from brainvq.io import write_report
@@ -65,31 +67,44 @@ def code_area_masks(boxes: list[tuple[int, int, int, int]], grid: int, size: int
 
 @torch.no_grad()
 def evaluate_prior(prior: GatedPixelCNN, test_codes: torch.Tensor, train_codes: torch.Tensor,
-                   test_area: torch.Tensor, train_area: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
+                   test_area: torch.Tensor, train_area: torch.Tensor, batch_size: int = 16,
+                   subsets: dict[str, Sequence[int]] | None = None) -> dict:
     """Bits per code and next-code accuracy on test codes, over the whole grid and over the positions inside each
-    slice's original (unpadded) area, beside unigram baselines from the train codes.
+    slice's original (unpadded) area, beside unigram baselines from the train codes. ``subsets`` (name -> grid
+    indices) adds the same figures for each subset under its name, from the same single pass of the prior.
 
     ``unigram_bits_per_code_in_brain`` is the cross-entropy, on the same test positions, of the code histogram of
     the train codes inside their own original area (add-one smoothed): what a model of code frequencies alone
     would pay there. Padding is nearly free to predict, so the in-brain figures are the ones that judge the prior.
     """
-    nll, nll_area, correct = 0.0, 0.0, 0.0
-    for start in range(0, len(test_codes), batch_size):
-        batch = test_codes[start:start + batch_size]
+    nll, nll_area, correct = [], [], []
+    for start in tqdm(range(0, len(test_codes), batch_size), desc="scoring codes", unit="batch"):
+        batch, inside = test_codes[start:start + batch_size], test_area[start:start + batch_size]
         logits = prior(batch)
-        per_code = code_nll(logits, batch)
-        nll += float(per_code.sum())
-        nll_area += float(per_code[test_area[start:start + batch_size]].sum())
-        correct += float((logits.argmax(1) == batch).sum())
+        per_code = code_nll(logits, batch).double()
+        nll.append(per_code.flatten(1).sum(1))
+        nll_area.append((per_code * inside).flatten(1).sum(1))
+        correct.append((logits.argmax(1) == batch).flatten(1).sum(1))
+    nll, nll_area, correct = torch.cat(nll), torch.cat(nll_area), torch.cat(correct)
     counts = code_histogram(train_codes[train_area], prior.cfg.num_codes).double() + 1
-    unigram_area = nats_to_bits(float(-(counts / counts.sum()).log()[test_codes[test_area]].mean()))
-    in_brain = nats_to_bits(nll_area / int(test_area.sum()))
-    return {"n_images": len(test_codes), "bits_per_code": nats_to_bits(nll / test_codes.numel()),
-            "unigram_bits_per_code": entropy_bits(code_histogram(train_codes, prior.cfg.num_codes)),
-            "bits_per_code_in_brain": in_brain, "unigram_bits_per_code_in_brain": unigram_area,
-            "in_brain_saving_over_unigram": 1 - in_brain / unigram_area,
-            "in_brain_positions_per_grid": float(test_area.flatten(1).sum(1).float().mean()),
-            "accuracy": correct / test_codes.numel()}
+    unigram_nats = -(counts / counts.sum()).log()
+    unigram_bits = entropy_bits(code_histogram(train_codes, prior.cfg.num_codes))
+
+    def figures(index: torch.Tensor) -> dict[str, float]:
+        codes, area = test_codes[index], test_area[index]
+        in_brain = nats_to_bits(float(nll_area[index].sum()) / int(area.sum()))
+        unigram_area = nats_to_bits(float(unigram_nats[codes[area]].mean()))
+        return {"n_images": len(codes), "bits_per_code": nats_to_bits(float(nll[index].sum()) / codes.numel()),
+                "unigram_bits_per_code": unigram_bits,
+                "bits_per_code_in_brain": in_brain, "unigram_bits_per_code_in_brain": unigram_area,
+                "in_brain_saving_over_unigram": 1 - in_brain / unigram_area,
+                "in_brain_positions_per_grid": float(area.flatten(1).sum(1).float().mean()),
+                "accuracy": float(correct[index].sum()) / codes.numel()}
+
+    result: dict = figures(torch.arange(len(test_codes)))
+    for name, index in (subsets or {}).items():
+        result[name] = figures(torch.as_tensor(index, dtype=torch.long))
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -110,6 +110,23 @@ def test_folder_layout_splits_90_10_by_file(folder_tree):
     assert train.layout == "folder"
 
 
+def test_kaggle_names_give_volumes_and_halves_never_share_one():
+    """'N (k).jpg' is slice N of volume k of its class folder ('N.jpg': the first volume); other names have none.
+    volume_halves cuts by volume, so a volume is wholly on one side; OASIS items go by case."""
+    names = [f"{n} ({k}).jpg" for k in (2, 3, 4, 5) for n in (26, 27, 28)] + ["26.jpg", "27.jpg"]
+    items = [SliceItem(f"test/{label}/{name}", label=label) for label in ("Mild", "Non") for name in names]
+    assert data.kaggle_volume(items[0]) == "test/Mild/2" and data.kaggle_volume(items[12]) == "test/Mild/0"
+    assert data.kaggle_volume(SliceItem("train/Non/nonDem12.jpg", label="Non")) is None
+    first, second = data.volume_halves(items, seed=0)
+    assert sorted(first + second) == list(range(len(items)))
+    volumes = [{data.kaggle_volume(items[i]) for i in half} for half in (first, second)]
+    assert volumes[0].isdisjoint(volumes[1]) and len(volumes[0]) == len(volumes[1]) == 5
+    assert data.volume_halves(items, seed=0) == (first, second) != data.volume_halves(items, seed=1)
+    oasis = [SliceItem(f"case_{c:03d}_slice_{s}.nii.png", case=f"{c:03d}", slice_index=s) for c in range(6) for s in range(3)]
+    cases = [{oasis[i].case for i in half} for half in data.volume_halves(oasis, seed=0)]
+    assert cases[0].isdisjoint(cases[1]) and len(cases[0]) == 3
+
+
 def test_data_dir_from_environment(folder_tree, monkeypatch):
     monkeypatch.setenv("BRAINVQ_DATA", str(folder_tree))
     assert len(load_split(None, "test")) == 6

@@ -238,3 +238,26 @@ def test_growing_refuses_a_change_of_width_or_a_dilation_order_it_cannot_hold():
         grow(old, PixelCNNConfig(**{**old.cfg.__dict__, "channels": 16}))
     with pytest.raises(ValueError, match="do not hold"):
         grow(old, PixelCNNConfig(**{**old.cfg.__dict__, "num_layers": 4, "max_dilation": 1}))
+
+
+def test_in_area_bits_and_subsets_are_what_they_say():
+    """evaluate_prior's in-area figures are the mean NLL and the train-histogram cross-entropy over exactly the
+    masked positions, and a named subset gets the same figures as scoring that subset alone."""
+    from brainvq.evaluate import evaluate_prior
+    from brainvq.metrics import nats_to_bits
+    from brainvq.pixelcnn import code_nll
+
+    model = tiny_prior()
+    generator = torch.Generator().manual_seed(0)
+    test_codes, train_codes = (torch.randint(0, 7, (n, 8, 8), generator=generator) for n in (6, 10))
+    test_area, train_area = (torch.rand(n, 8, 8, generator=generator) < 0.5 for n in (6, 10))
+    result = evaluate_prior(model, test_codes, train_codes, test_area, train_area, batch_size=4,
+                            subsets={"even": [0, 2, 4]})
+    with torch.no_grad():
+        per_code = code_nll(model(test_codes), test_codes)
+    assert result["bits_per_code_in_brain"] == pytest.approx(nats_to_bits(float(per_code[test_area].mean())))
+    counts = torch.bincount(train_codes[train_area], minlength=7).double() + 1
+    unigram = nats_to_bits(float(-(counts / counts.sum()).log()[test_codes[test_area]].mean()))
+    assert result["unigram_bits_per_code_in_brain"] == pytest.approx(unigram)
+    alone = evaluate_prior(model, test_codes[::2], train_codes, test_area[::2], train_area)
+    assert result["even"] == pytest.approx(alone)
