@@ -8,9 +8,8 @@ validation slices share subjects with training: the zoomed validation rows isola
 baseline is the training split's code histogram (unzoomed), as in ``python -m brainvq.evaluate prior``.
 
 ``test`` also holds ``test_select`` and ``test_report``: the test folder cut in two by volume (data.volume_halves,
-SELECT_SEED). The
-validation split leaks subjects, so it cannot judge a prior trained to generalise; choose among priors on the
-selection half (subjects no prior has seen) and report the choice on the other half.
+SELECT_SEED). The validation split leaks subjects, so it cannot judge a prior trained to generalise; choose
+among priors on the selection half (subjects no prior has seen) and report the choice on the other half.
 """
 from __future__ import annotations
 
