@@ -113,6 +113,7 @@ def test_components_shapes_and_meaning(bundle):
         assert np.array_equal(r.codes, codes[k].numpy()) and np.allclose(r.nll, nll_bits[k], atol=1e-4)
         assert np.allclose(r.components["recon"], np.abs(images[k] - recon[k]), atol=1e-5)
         assert r.restoration.shape == (256, 256) and r.map is None
+        assert np.allclose(r.components["restoration"], np.abs(images[k] - r.restoration), atol=1e-6)
 
 
 def test_restoration_keeps_every_likely_code(bundle):
