@@ -2,7 +2,7 @@
 
     python bench/volumes.py --data-dir ../shared/data/alzheimer4class --json bench/results/volumes.json
 
-Reads "N (k).jpg" as slice N of volume k of its class folder (data.kaggle_volume; the train folder's files are
+Reads "N (k).jpg" as slice N of volume k of its class folder (data.kaggle_position; the train folder's files are
 named "nonDem123.jpg" and carry no such field). If that is right, neighbouring slices N and N+1 of one volume
 look far more alike than the same two slice numbers taken from two volumes of the same class. SSIM over the
 original area, for every adjacent pair in each volume beside the same pair numbers from the next volume of the
@@ -27,15 +27,12 @@ from brainvq.io import write_report  # noqa: E402
 from brainvq.metrics import ssim  # noqa: E402
 
 
-def slice_number(item: data.SliceItem) -> int:
-    return int(data.KAGGLE_NAME.match(Path(item.path).stem).group(1))
-
-
 def pair_ssims(slices: data.SliceSet) -> dict:
     """Median SSIM of adjacent slices within a volume, and of the same slice numbers across two volumes."""
     volumes: dict[str, dict[int, int]] = defaultdict(dict)
     for index, item in enumerate(slices.items):
-        volumes[data.kaggle_volume(item)][slice_number(item)] = index
+        volume, number = data.kaggle_position(item)
+        volumes[volume][number] = index
     top, left, height, width = original_boxes(slices)[0]
     crop = (..., slice(top, top + height), slice(left, left + width))
 
@@ -66,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
     test = data.load_split(args.data_dir, "test")
-    if any(data.kaggle_volume(item) is None for item in test.items):
+    if any(data.kaggle_position(item) is None for item in test.items):
         raise SystemExit(f"{args.data_dir}'s test folder has files not named 'N (k).jpg' or 'N.jpg' in class "
                          "folders: this benchmark is for the Kaggle 4-class set")
     return write_report({"test": pair_ssims(test)}, args.json)

@@ -130,14 +130,20 @@ def _folder_items(root: Path, part: str) -> list[SliceItem]:
 KAGGLE_NAME = re.compile(r"^(\d+)(?: \((\d+)\))?$")
 
 
-def kaggle_volume(item: SliceItem) -> str | None:
-    """The volume a test file of the Kaggle 4-class set belongs to, read from its name: "N (k).jpg" is slice N of
-    volume k of its class folder, "N.jpg" a slice of the folder's first volume (an undocumented convention,
+def kaggle_position(item: SliceItem) -> tuple[str, int] | None:
+    """(volume, slice number) of a test file of the Kaggle 4-class set, read from its name: "N (k).jpg" is slice N
+    of volume k of its class folder, "N.jpg" a slice of the folder's first volume (an undocumented convention,
     measured by bench/volumes.py). None for other names, such as the train folder's "nonDem123.jpg"."""
     match = KAGGLE_NAME.match(Path(item.path).stem)
     if match is None or item.label is None:
         return None
-    return f"{Path(item.path).parts[0]}/{item.label}/{match.group(2) or 0}"
+    return f"{Path(item.path).parts[0]}/{item.label}/{match.group(2) or 0}", int(match.group(1))
+
+
+def kaggle_volume(item: SliceItem) -> str | None:
+    """The volume of ``item`` by kaggle_position, or None."""
+    position = kaggle_position(item)
+    return position[0] if position else None
 
 
 def volume_halves(items: Sequence[SliceItem], seed: int) -> tuple[list[int], list[int]]:

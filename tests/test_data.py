@@ -116,6 +116,7 @@ def test_kaggle_names_give_volumes_and_halves_never_share_one():
     names = [f"{n} ({k}).jpg" for k in (2, 3, 4, 5) for n in (26, 27, 28)] + ["26.jpg", "27.jpg"]
     items = [SliceItem(f"test/{label}/{name}", label=label) for label in ("Mild", "Non") for name in names]
     assert data.kaggle_volume(items[0]) == "test/Mild/2" and data.kaggle_volume(items[12]) == "test/Mild/0"
+    assert data.kaggle_position(items[1]) == ("test/Mild/2", 27) and data.kaggle_position(items[13]) == ("test/Mild/0", 27)
     assert data.kaggle_volume(SliceItem("train/Non/nonDem12.jpg", label="Non")) is None
     first, second = data.volume_halves(items, seed=0)
     assert sorted(first + second) == list(range(len(items)))
