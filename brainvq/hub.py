@@ -1,7 +1,8 @@
 """Model bundles: the VQ-VAE + PixelCNN pair from the Hugging Face Hub or a local folder; export and push them.
 
-A bundle is a folder or Hub repository with ``vqvae/`` and optionally ``pixelcnn/`` (each from ``save_pretrained``)
-and a model card. Offline mode is the library's: ``HF_HUB_OFFLINE=1``, or ``local_files_only`` (``app.py --offline``).
+A bundle is a folder or Hub repository with ``vqvae/`` and optionally ``pixelcnn/`` (each from ``save_pretrained``),
+optionally ``anomaly/`` (the local-context prior, the anomaly calibration and the upload check's limits, which hold
+only for the exact models they were measured on) and a model card. Offline mode is the library's: ``HF_HUB_OFFLINE=1``, or ``local_files_only`` (``app.py --offline``).
 ``HF_ENDPOINT`` and ``HF_HUB_CACHE`` are read at call time; ``BRAINVQ_HUB_REPO`` names the default repository.
 
     python -m brainvq.hub export --out hub_export            # checkpoints/ -> hub_export/ + model card
@@ -23,6 +24,7 @@ from huggingface_hub.errors import (FileMetadataError, GatedRepoError, HFValidat
                                     OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
 
+from brainvq import anomaly, slicecheck
 from brainvq.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
 from brainvq.io import atomic_write_bytes
 from brainvq.pixelcnn import GatedPixelCNN
@@ -35,6 +37,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DIR = REPO_ROOT / "checkpoints"
 VQVAE_FILES = (f"vqvae/{CONFIG_NAME}", f"vqvae/{WEIGHTS_NAME}")
 PRIOR_FILES = (f"pixelcnn/{CONFIG_NAME}", f"pixelcnn/{WEIGHTS_NAME}")
+LOCAL_FILES = (f"{anomaly.ANOMALY_DIR}/local/{CONFIG_NAME}", f"{anomaly.ANOMALY_DIR}/local/{WEIGHTS_NAME}")
+ANOMALY_FILES = (f"{anomaly.ANOMALY_DIR}/{anomaly.CALIBRATION_NAME}", f"{anomaly.ANOMALY_DIR}/{slicecheck.LIMITS_NAME}",
+                 *LOCAL_FILES)  # optional: the Anomaly tab and the upload check need them
 _REVISION = re.compile(r"[A-Za-z0-9._+\-/]{1,128}")  # the characters git allows in a ref name, less the rare ones
 
 # Every Hub failure the user can meet, in one place ("offline", "unreachable", "down": no complete cached copy either).
@@ -165,12 +170,14 @@ def load_from_hub(repo_id: str, revision: str = "main", cache_dir: str | Path | 
     download is a CheckpointError naming the file; every other failure a HubError from MESSAGES."""
     repo_id, revision = validate_repo_id(repo_id), validate_revision(revision)
     try:
-        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["vqvae/*", "pixelcnn/*"],
+        snapshot = Path(snapshot_download(repo_id, revision=revision,
+                                          allow_patterns=[*VQVAE_FILES, *PRIOR_FILES, *ANOMALY_FILES],
                                           endpoint=_endpoint(), cache_dir=cache_dir or os.environ.get("HF_HUB_CACHE"),
                                           local_files_only=local_files_only))
     except Exception as error:  # noqa: BLE001 - explain() sorts every failure
         raise explain(error, repo_id, revision) from error
-    for name in VQVAE_FILES + (PRIOR_FILES if (snapshot / "pixelcnn").exists() else ()):
+    local = (snapshot / LOCAL_FILES[0]).parent.exists()
+    for name in VQVAE_FILES + (PRIOR_FILES if (snapshot / "pixelcnn").exists() else ()) + (LOCAL_FILES if local else ()):
         if not (snapshot / name).is_file():
             raise hub_error("no_file", repo_id, revision, file=name)
     commit = snapshot.name
@@ -236,21 +243,59 @@ def load_default(repo_id: str | None = None, revision: str = "main", fallback: P
     return bundle
 
 
-def export_bundle(out: Path, vqvae_dir: Path, prior_dir: Path | None, repo_id: str) -> Path:
-    """Save both checkpoints to out/vqvae and out/pixelcnn (save_pretrained) and the bundle's card to out/README.md."""
+def export_bundle(out: Path, vqvae_dir: Path, prior_dir: Path | None, repo_id: str,
+                  anomaly_dir: Path | None = None) -> Path:
+    """Save both checkpoints to out/vqvae and out/pixelcnn (save_pretrained), what ``anomaly_dir`` holds to
+    out/anomaly (export_anomaly) and the bundle's card to out/README.md."""
     repo_id, out = validate_repo_id(repo_id), Path(out)
     vqvae = VQVAE.from_pretrained(Path(vqvae_dir))  # refuse to export anything that would not load, or a mismatch
     prior = GatedPixelCNN.from_pretrained(Path(prior_dir), vqvae=vqvae) if prior_dir is not None else None
-    if prior is None and (out / "pixelcnn").exists():
-        raise HubError(f"{out / 'pixelcnn'} already exists but no prior was given: remove it or pass the prior, so "
-                       "the export does not mix a stale prior with this VQ-VAE.")
+    for part, given in (("pixelcnn", prior), (anomaly.ANOMALY_DIR, anomaly_dir)):
+        if given is None and (out / part).exists():
+            raise HubError(f"{out / part} already exists but no {'prior' if part == 'pixelcnn' else 'anomaly folder'} "
+                           "was given: remove it or pass one, so the export does not mix stale files with these models.")
+    if anomaly_dir is not None and prior is None:
+        raise HubError("An anomaly folder was given without a prior: anomaly maps and the upload check need the prior.")
+    parts = anomaly_parts(Path(anomaly_dir), vqvae, prior) if anomaly_dir is not None else {}
     vqvae.save_pretrained(out / "vqvae")
     if prior is not None:
         prior.save_pretrained(out / "pixelcnn")
+    for name, part in parts.items():
+        target = out / anomaly.ANOMALY_DIR / name
+        part.save_pretrained(target) if name == "local" else part.save(target)
     card = vqvae.generate_model_card(pixelcnn=prior.checkpoint_config() if prior is not None else None, bundle=True,
-                                     repo_id=repo_id)
+                                     repo_id=repo_id, anomaly=[f"{name}/" if name == "local" else name for name in sorted(parts)])
     atomic_write_bytes(out / "README.md", lambda file: file.write(str(card).encode()))
     return out
+
+
+def anomaly_parts(folder: Path, vqvae: VQVAE, prior: GatedPixelCNN) -> dict[str, Any]:
+    """What an anomaly folder holds, read and checked against the models before anything is written: the local
+    prior ("local"), the anomaly calibration and the upload check's limits (by their file names). A part measured on
+    other models is refused, since the demo would ignore it."""
+    rerun = ("Re-run `python bench/anomaly.py --checkpoints DIR` and `python bench/slice_check.py --checkpoints DIR` "
+             "on the exported models, or export without it (--no-anomaly).")
+    parts: dict[str, Any] = {}
+    if (folder / "local").is_dir():
+        parts["local"] = GatedPixelCNN.from_pretrained(folder / "local", vqvae=vqvae)
+    if (folder / anomaly.CALIBRATION_NAME).is_file():
+        try:
+            calibration = anomaly.Calibration.load(folder / anomaly.CALIBRATION_NAME)
+        except anomaly.AnomalyError as error:
+            raise HubError(f"{error} {rerun}") from None
+        detector = anomaly.Detector(vqvae, prior, parts.get("local"), calibration)
+        if detector.calibration is None:
+            raise HubError(f"{folder / anomaly.CALIBRATION_NAME}: {detector.calibration_problem}. {rerun}")
+        parts[anomaly.CALIBRATION_NAME] = calibration
+    if (folder / slicecheck.LIMITS_NAME).is_file():
+        limits, problem = slicecheck.read_limits(folder / slicecheck.LIMITS_NAME, vqvae, prior)
+        if limits is None:
+            raise HubError(f"{folder / slicecheck.LIMITS_NAME}: {problem}. {rerun}")
+        parts[slicecheck.LIMITS_NAME] = limits
+    if not parts:
+        raise HubError(f"{folder} holds no anomaly files (local/, {anomaly.CALIBRATION_NAME}, "
+                       f"{slicecheck.LIMITS_NAME}); pass the folder bench/anomaly.py wrote, or --no-anomaly.")
+    return parts
 
 
 def push_bundle(folder: Path, repo_id: str, token: str | None = None, private: bool = False) -> str:
@@ -261,7 +306,7 @@ def push_bundle(folder: Path, repo_id: str, token: str | None = None, private: b
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="Upload BrainVQ checkpoints",
-                                 allow_patterns=["README.md", *VQVAE_FILES, *PRIOR_FILES])
+                                 allow_patterns=["README.md", *VQVAE_FILES, *PRIOR_FILES, *ANOMALY_FILES])
     except Exception as error:  # noqa: BLE001 - explain() sorts every failure
         raise explain(error, repo_id) from error
     return info.commit_url
@@ -276,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--vqvae", type=Path, default=BUNDLED_DIR / "vqvae", help="VQ-VAE checkpoint folder")
     export.add_argument("--pixelcnn", type=Path, default=BUNDLED_DIR / "pixelcnn", help="PixelCNN checkpoint folder")
     export.add_argument("--no-pixelcnn", action="store_true", help="export the VQ-VAE alone")
+    export.add_argument("--anomaly", type=Path, help="anomaly folder (local prior, calibration, upload-check limits; "
+                                                     "default: anomaly/ beside --pixelcnn, when there is one)")
+    export.add_argument("--no-anomaly", action="store_true", help="leave the anomaly files out")
     export.add_argument("--repo-id", default=default_repo_id(), help="repository named in the model card")
     push = sub.add_parser("push", help="upload an exported folder to the Hub (HF_TOKEN or --token)")
     push.add_argument("--folder", required=True, type=Path)
@@ -286,8 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "export":
             prior = None if args.no_pixelcnn else args.pixelcnn
-            out = export_bundle(args.out, args.vqvae, prior, args.repo_id)
-            print(f"exported {'VQ-VAE + PixelCNN' if prior else 'VQ-VAE only'} with a model card to {out}")
+            beside = prior.parent / anomaly.ANOMALY_DIR if prior is not None else None
+            folder = None if args.no_anomaly or prior is None else args.anomaly or (beside if beside.is_dir() else None)
+            out = export_bundle(args.out, args.vqvae, prior, args.repo_id, folder)
+            what = "VQ-VAE + PixelCNN" + (" + anomaly files" if folder else "") if prior else "VQ-VAE only"
+            print(f"exported {what} with a model card to {out}")
         else:
             print(push_bundle(args.folder, args.repo_id, token=args.token, private=args.private))
     except (HubError, CheckpointError) as error:

@@ -114,6 +114,11 @@ def limits_for(folder: Path | None, vqvae, prior) -> tuple[Limits | None, str | 
         return None, ("the upload check has no limits for these models (run `python bench/slice_check.py "
                       "--checkpoints FOLDER --data-dir DATA` to set them on validation slices, then reload the "
                       "models)")
+    return read_limits(path, vqvae, prior)
+
+
+def read_limits(path: Path, vqvae, prior) -> tuple[Limits | None, str | None]:
+    """The limits in the file ``path`` when they were measured on these models; else None and why not."""
     try:
         limits = Limits.load(path)
     except (OSError, ValueError, KeyError, TypeError) as error:

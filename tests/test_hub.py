@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -697,7 +698,7 @@ def test_export_refuses_a_mismatched_pair_and_bad_repo_ids(bundle_dir, tmp_path)
         hub.export_bundle(tmp_path / "out", bundle_dir / "vqvae", None, "not/a/repo")
     assert not (tmp_path / "out").exists()
     hub.export_bundle(tmp_path / "out", bundle_dir / "vqvae", bundle_dir / "pixelcnn", "owner/name")
-    with pytest.raises(HubError, match="stale prior"):
+    with pytest.raises(HubError, match="no prior was given.*stale files"):
         hub.export_bundle(tmp_path / "out", bundle_dir / "vqvae", None, "owner/name")
 
 
@@ -748,3 +749,71 @@ def test_a_name_that_is_neither_a_folder_nor_a_reachable_repo_is_a_clear_checkpo
     with pytest.raises(CheckpointError, match=r"^'runs/no-such' is no folder here; as a Hub repository: cannot "
                                               f"reach the Hugging Face Hub at {endpoint}"):
         VQVAE.from_pretrained("runs/no-such", endpoint=endpoint, cache_dir=tmp_path / "cache")
+
+
+# ----------------------------------------------------------------------------------------- anomaly files
+
+
+@pytest.fixture(scope="module")
+def checked_dir(tmp_path_factory) -> Path:
+    """A tiny bundle with everything the Anomaly tab and the upload check read: local prior, calibration, limits."""
+    from brainvq import anomaly, slicecheck
+    from test_anomaly import calibrate_tiny_bundle, slices
+    from test_app import save_tiny_bundle
+
+    folder = calibrate_tiny_bundle(save_tiny_bundle(tmp_path_factory.mktemp("checked") / "checkpoints", seed=0))
+    bundle = hub.load_bundle(folder)
+    rows = slicecheck.features(bundle.vqvae, bundle.prior, slices(12, seed=200))
+    slicecheck.Limits(slicecheck.fit_limits(rows), anomaly.model_fingerprints(bundle.vqvae, bundle.prior)).save(
+        folder / anomaly.ANOMALY_DIR / slicecheck.LIMITS_NAME)
+    return folder
+
+
+def test_the_anomaly_files_travel_through_export_push_and_download(fake_hub, checked_dir, tmp_path, capsys):
+    """A published bundle keeps its Anomaly tab and upload check: export copies anomaly/ (found beside --pixelcnn),
+    push uploads it and load_from_hub fetches it, so the downloaded bundle is calibrated like the local one."""
+    from brainvq import anomaly, demo, slicecheck
+    from test_anomaly import slices
+
+    assert hub.main(["export", "--out", str(tmp_path / "export"), "--vqvae", str(checked_dir / "vqvae"),
+                     "--pixelcnn", str(checked_dir / "pixelcnn"), "--repo-id", "me/checked"]) == 0
+    assert "VQ-VAE + PixelCNN + anomaly files" in capsys.readouterr().out
+    out = tmp_path / "export"
+    for name in hub.ANOMALY_FILES:
+        assert (out / name).read_bytes() == (checked_dir / name).read_bytes()
+    assert "- `anomaly/`: what the demo's Anomaly tab and upload check need" in (out / "README.md").read_text()
+    hub.push_bundle(out, "me/checked", token="hf_fake_token")
+    assert set(hub.ANOMALY_FILES) <= set(fake_hub.commits["me/checked"][fake_hub.refs["me/checked"]["main"]])
+
+    bundle = hub.load_from_hub("me/checked", cache_dir=tmp_path / "cache")
+    local = hub.load_bundle(checked_dir)
+    image = slices(1, seed=5)
+    ours, theirs = (anomaly.Detector.load(b.folder, b.vqvae, b.prior).analyze(image)[0] for b in (bundle, local))
+    assert np.array_equal(ours.map, theirs.map) and ours.percentile == theirs.percentile
+    assert slicecheck.limits_for(bundle.folder, bundle.vqvae, bundle.prior)[1] is None
+    uploaded = (image[0] * 255).astype(np.uint8)
+    assert demo.reconstruct(bundle, uploaded).check == demo.reconstruct(local, uploaded).check is not None
+
+
+def test_export_refuses_anomaly_files_of_other_models_before_writing(checked_dir, tmp_path):
+    from brainvq import anomaly, slicecheck
+
+    bundle_dir = save_bundle(tmp_path / "other", *tiny_models(seed=5))
+    with pytest.raises(CheckpointError, match="anomaly/local' was trained on VQ-VAE"):
+        hub.export_bundle(tmp_path / "out", bundle_dir / "vqvae", bundle_dir / "pixelcnn", "me/x",
+                          checked_dir / anomaly.ANOMALY_DIR)
+    for name, problem in ((anomaly.CALIBRATION_NAME, "anomaly calibration was measured on other models"),
+                          (slicecheck.LIMITS_NAME, "upload check's limits were measured on other models")):
+        alone = tmp_path / name
+        alone.mkdir()
+        (alone / name).write_bytes((checked_dir / anomaly.ANOMALY_DIR / name).read_bytes())
+        with pytest.raises(HubError, match=f"{problem}.*bench/anomaly.py"):
+            hub.export_bundle(tmp_path / "out", bundle_dir / "vqvae", bundle_dir / "pixelcnn", "me/x", alone)
+    with pytest.raises(HubError, match="holds no anomaly files"):
+        hub.export_bundle(tmp_path / "out", bundle_dir / "vqvae", bundle_dir / "pixelcnn", "me/x", tmp_path / "out")
+    with pytest.raises(HubError, match="without a prior"):
+        hub.export_bundle(tmp_path / "out", checked_dir / "vqvae", None, "me/x", checked_dir / "anomaly")
+    assert not (tmp_path / "out").exists()
+    hub.export_bundle(tmp_path / "out", checked_dir / "vqvae", checked_dir / "pixelcnn", "me/x", checked_dir / "anomaly")
+    with pytest.raises(HubError, match="anomaly folder was given"):   # a re-export without it would mix stale files
+        hub.export_bundle(tmp_path / "out", checked_dir / "vqvae", checked_dir / "pixelcnn", "me/x")
