@@ -34,7 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from brainvq import anomaly, data, slicecheck  # noqa: E402
 from brainvq.io import write_report  # noqa: E402
 from brainvq.metrics import ssim  # noqa: E402
-from brainvq.pixelcnn import GatedPixelCNN  # noqa: E402
 from brainvq.vqvae import VQVAE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     folder = Path(args.checkpoints)
     vqvae = VQVAE.from_pretrained(folder / "vqvae")
-    prior = GatedPixelCNN.from_pretrained(folder / "pixelcnn", vqvae=vqvae)
+    prior = anomaly.scoring_prior(folder, vqvae)
     val = data.load_split(args.data_dir, "val", args.split_seed)
     test = data.load_split(args.data_dir, "test", args.split_seed)
     limits = slicecheck.Limits(slicecheck.fit_limits(measure(vqvae, prior, val.images / np.float32(255), "val")),

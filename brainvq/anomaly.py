@@ -49,6 +49,7 @@ from brainvq.vqvae import VQVAE
 COMPONENTS = ("recon", "nll", "surprise", "ratio", "restoration")
 RULES = ("max", "sum")                  # how scaled components combine
 ANOMALY_DIR = "anomaly"                 # inside a checkpoints folder: local/ (the local prior), calibration.json
+SCORING_DIR = "prior"                   # inside anomaly/, optional: the prior that judges slices (scoring_prior)
 CALIBRATION_NAME = "calibration.json"
 CALIBRATE = ("Create one with `python bench/anomaly.py --checkpoints {folder} --data-dir DATA` (it sets the "
              "anomaly settings on validation slices and writes {folder}/anomaly/calibration.json).")
@@ -222,14 +223,12 @@ class Detector:
     @classmethod
     def load(cls, folder: str | os.PathLike, vqvae: VQVAE | None = None,
              prior: GatedPixelCNN | None = None) -> "Detector":
-        """Models from a checkpoints folder (vqvae/, pixelcnn/, anomaly/local/, anomaly/calibration.json);
-        ``vqvae`` and ``prior`` given: use those (the demo's loaded models) with the folder's anomaly/ files."""
+        """Models from a checkpoints folder (vqvae/, the scoring prior, anomaly/local/, anomaly/calibration.json);
+        ``vqvae`` and ``prior`` (the scoring prior: a bundle's ``scorer``) given: use those, the demo's loaded
+        models, with the folder's anomaly/ files."""
         folder = Path(folder)
         vqvae = vqvae or VQVAE.from_pretrained(folder / "vqvae")
-        if prior is None:
-            if not (folder / "pixelcnn").is_dir():
-                raise AnomalyError(f"{str(folder)!r} has no pixelcnn/ prior: anomaly maps need the prior.")
-            prior = GatedPixelCNN.from_pretrained(folder / "pixelcnn", vqvae=vqvae)
+        prior = prior or scoring_prior(folder, vqvae)
         local_dir, path = folder / ANOMALY_DIR / "local", folder / ANOMALY_DIR / CALIBRATION_NAME
         local = GatedPixelCNN.from_pretrained(local_dir, vqvae=vqvae) if local_dir.is_dir() else None
         calibration, problem = None, None
@@ -325,6 +324,21 @@ class Detector:
             result.score = slice_score(result.components, result.brain, calibration.scales, settings)
             result.percentile = calibration.percentile(result.score)
         return results
+
+
+def scoring_prior(folder: str | os.PathLike, vqvae: VQVAE, prior: GatedPixelCNN | None = None) -> GatedPixelCNN:
+    """The prior that judges slices (anomaly maps, the upload check): ``folder``/anomaly/prior when there is one,
+    else ``prior`` when given, else ``folder``/pixelcnn. A separate one can be trained for judging, for example on
+    zoomed slices so that brains of other sizes are not unlikely for their size alone, while pixelcnn/ samples
+    brains of the training slices' sizes."""
+    folder = Path(folder)
+    if (folder / ANOMALY_DIR / SCORING_DIR).is_dir():
+        return GatedPixelCNN.from_pretrained(folder / ANOMALY_DIR / SCORING_DIR, vqvae=vqvae)
+    if prior is not None:
+        return prior
+    if not (folder / "pixelcnn").is_dir():
+        raise AnomalyError(f"{str(folder)!r} has no pixelcnn/ prior: anomaly maps need the prior.")
+    return GatedPixelCNN.from_pretrained(folder / "pixelcnn", vqvae=vqvae)
 
 
 # ----------------------------------------------------------------------------- calibration

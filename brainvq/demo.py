@@ -194,7 +194,7 @@ class WeakMemo(Generic[K, V]):
             return self._values[key]
 
 
-upload_limits = WeakMemo(lambda bundle: slicecheck.limits_for(bundle.folder, bundle.vqvae, bundle.prior))
+upload_limits = WeakMemo(lambda bundle: slicecheck.limits_for(bundle.folder, bundle.vqvae, bundle.scorer))
 
 
 def reconstruct(bundle, slice_uint8: np.ndarray) -> Reconstruction:
@@ -218,7 +218,7 @@ def reconstruct(bundle, slice_uint8: np.ndarray) -> Reconstruction:
     if limits is None:
         result.ssim_brain = slicecheck.ssim_in_box(recon.cpu(), x.cpu(), brain)
         return result
-    row = slicecheck.features(vqvae, bundle.prior, image[None], encoded=(codes, recon), brains=[brain])[0]
+    row = slicecheck.features(vqvae, bundle.scorer, image[None], encoded=(codes, recon), brains=[brain])[0]
     result.ssim_brain, result.check = row["ssim_brain"], slicecheck.judge(row, limits.limits)
     return result
 

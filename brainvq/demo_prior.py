@@ -35,15 +35,16 @@ class PriorToolError(DemoError):
 
 def _make_detector(bundle) -> anomaly.Detector:
     if bundle.folder is None:
-        return anomaly.Detector(bundle.vqvae, bundle.prior, calibration_problem="the models have no folder")
-    return anomaly.Detector.load(bundle.folder, bundle.vqvae, bundle.prior)
+        return anomaly.Detector(bundle.vqvae, bundle.scorer, calibration_problem="the models have no folder")
+    return anomaly.Detector.load(bundle.folder, bundle.vqvae, bundle.scorer)
 
 
 _detectors = WeakMemo(_make_detector)
 
 
 def detector_for(bundle) -> anomaly.Detector:
-    """The anomaly detector of a loaded bundle (its anomaly/ folder: local prior, calibration), made once."""
+    """The anomaly detector of a loaded bundle (its scoring prior and anomaly/ folder: local prior, calibration),
+    made once."""
     bundle = require_bundle(bundle)
     if bundle.prior is None:
         raise PriorToolError("These models have no PixelCNN prior: anomaly maps and completion need it. Load a "

@@ -1,8 +1,8 @@
 """Model bundles: the VQ-VAE + PixelCNN pair from the Hugging Face Hub or a local folder; export and push them.
 
 A bundle is a folder or Hub repository with ``vqvae/`` and optionally ``pixelcnn/`` (each from ``save_pretrained``),
-optionally ``anomaly/`` (the local-context prior, the anomaly calibration and the upload check's limits, which hold
-only for the exact models they were measured on) and a model card. Offline mode is the library's: ``HF_HUB_OFFLINE=1``, or ``local_files_only`` (``app.py --offline``).
+optionally ``anomaly/`` (the local-context prior, a scoring prior, the anomaly calibration and the upload check's
+limits, which hold only for the exact models they were measured on) and a model card. Offline mode is the library's: ``HF_HUB_OFFLINE=1``, or ``local_files_only`` (``app.py --offline``).
 ``HF_ENDPOINT`` and ``HF_HUB_CACHE`` are read at call time; ``BRAINVQ_HUB_REPO`` names the default repository.
 
     python -m brainvq.hub export --out hub_export            # checkpoints/ -> hub_export/ + model card
@@ -37,9 +37,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_DIR = REPO_ROOT / "checkpoints"
 VQVAE_FILES = (f"vqvae/{CONFIG_NAME}", f"vqvae/{WEIGHTS_NAME}")
 PRIOR_FILES = (f"pixelcnn/{CONFIG_NAME}", f"pixelcnn/{WEIGHTS_NAME}")
-LOCAL_FILES = (f"{anomaly.ANOMALY_DIR}/local/{CONFIG_NAME}", f"{anomaly.ANOMALY_DIR}/local/{WEIGHTS_NAME}")
+ANOMALY_MODELS = ("local", anomaly.SCORING_DIR)  # anomaly/local: the local-context prior; anomaly/prior: scoring_prior
+MODEL_FILES = {name: (f"{anomaly.ANOMALY_DIR}/{name}/{CONFIG_NAME}", f"{anomaly.ANOMALY_DIR}/{name}/{WEIGHTS_NAME}")
+               for name in ANOMALY_MODELS}
 ANOMALY_FILES = (f"{anomaly.ANOMALY_DIR}/{anomaly.CALIBRATION_NAME}", f"{anomaly.ANOMALY_DIR}/{slicecheck.LIMITS_NAME}",
-                 *LOCAL_FILES)  # optional: the Anomaly tab and the upload check need them
+                 *(f for files in MODEL_FILES.values() for f in files))  # optional: the Anomaly tab and upload check
 _REVISION = re.compile(r"[A-Za-z0-9._+\-/]{1,128}")  # the characters git allows in a ref name, less the rare ones
 
 # Every Hub failure the user can meet, in one place ("offline", "unreachable", "down": no complete cached copy either).
@@ -137,6 +139,12 @@ class ModelBundle:
     source: str
     notice: str | None = None
     folder: Path | None = None
+    scoring_prior: GatedPixelCNN | None = None  # anomaly/prior, when the bundle has one
+
+    @property
+    def scorer(self) -> GatedPixelCNN | None:
+        """The prior that judges slices (anomaly maps, upload check): anomaly/prior if loaded, else the prior."""
+        return self.scoring_prior if self.scoring_prior is not None else self.prior
 
     def describe(self) -> dict[str, Any]:
         """Summary for display: source, K, D, grid, parameter counts, metrics and training data from the configs."""
@@ -157,11 +165,14 @@ class ModelBundle:
 
 
 def load_bundle(folder: str | Path, source: str | None = None) -> ModelBundle:
-    """Load folder/vqvae and, if present, folder/pixelcnn (refused unless trained on that VQ-VAE)."""
+    """Load folder/vqvae and, if present, folder/pixelcnn and folder/anomaly/prior (each refused unless trained on
+    that VQ-VAE)."""
     folder = Path(folder)
     vqvae = VQVAE.from_pretrained(folder / "vqvae")
     prior = GatedPixelCNN.from_pretrained(folder / "pixelcnn", vqvae=vqvae) if (folder / "pixelcnn").exists() else None
-    return ModelBundle(vqvae, prior, source or f"local folder: {_display(folder.resolve())}", folder=folder)
+    scorer = anomaly.scoring_prior(folder, vqvae, prior) if prior is not None else None
+    return ModelBundle(vqvae, prior, source or f"local folder: {_display(folder.resolve())}", folder=folder,
+                       scoring_prior=scorer if scorer is not prior else None)
 
 
 def load_from_hub(repo_id: str, revision: str = "main", cache_dir: str | Path | None = None,
@@ -176,8 +187,8 @@ def load_from_hub(repo_id: str, revision: str = "main", cache_dir: str | Path | 
                                           local_files_only=local_files_only))
     except Exception as error:  # noqa: BLE001 - explain() sorts every failure
         raise explain(error, repo_id, revision) from error
-    local = (snapshot / LOCAL_FILES[0]).parent.exists()
-    for name in VQVAE_FILES + (PRIOR_FILES if (snapshot / "pixelcnn").exists() else ()) + (LOCAL_FILES if local else ()):
+    models = [f for files in MODEL_FILES.values() if (snapshot / files[0]).parent.exists() for f in files]
+    for name in VQVAE_FILES + (PRIOR_FILES if (snapshot / "pixelcnn").exists() else ()) + tuple(models):
         if not (snapshot / name).is_file():
             raise hub_error("no_file", repo_id, revision, file=name)
     commit = snapshot.name
@@ -262,22 +273,25 @@ def export_bundle(out: Path, vqvae_dir: Path, prior_dir: Path | None, repo_id: s
         prior.save_pretrained(out / "pixelcnn")
     for name, part in parts.items():
         target = out / anomaly.ANOMALY_DIR / name
-        part.save_pretrained(target) if name == "local" else part.save(target)
+        part.save_pretrained(target) if name in ANOMALY_MODELS else part.save(target)
     card = vqvae.generate_model_card(pixelcnn=prior.checkpoint_config() if prior is not None else None, bundle=True,
-                                     repo_id=repo_id, anomaly=[f"{name}/" if name == "local" else name for name in sorted(parts)])
+                                     repo_id=repo_id,
+                                     anomaly=[f"{name}/" if name in ANOMALY_MODELS else name for name in sorted(parts)])
     atomic_write_bytes(out / "README.md", lambda file: file.write(str(card).encode()))
     return out
 
 
 def anomaly_parts(folder: Path, vqvae: VQVAE, prior: GatedPixelCNN) -> dict[str, Any]:
     """What an anomaly folder holds, read and checked against the models before anything is written: the local
-    prior ("local"), the anomaly calibration and the upload check's limits (by their file names). A part measured on
-    other models is refused, since the demo would ignore it."""
+    prior ("local"), the scoring prior ("prior"), the anomaly calibration and the upload check's limits (by their
+    file names). A part measured on other models is refused, since the demo would ignore it."""
     rerun = ("Re-run `python bench/anomaly.py --checkpoints DIR` and `python bench/slice_check.py --checkpoints DIR` "
              "on the exported models, or export without it (--no-anomaly).")
     parts: dict[str, Any] = {}
-    if (folder / "local").is_dir():
-        parts["local"] = GatedPixelCNN.from_pretrained(folder / "local", vqvae=vqvae)
+    for name in ANOMALY_MODELS:
+        if (folder / name).is_dir():
+            parts[name] = GatedPixelCNN.from_pretrained(folder / name, vqvae=vqvae)
+    prior = parts.get(anomaly.SCORING_DIR, prior)   # what the calibration and the limits were measured with
     if (folder / anomaly.CALIBRATION_NAME).is_file():
         try:
             calibration = anomaly.Calibration.load(folder / anomaly.CALIBRATION_NAME)
@@ -293,7 +307,7 @@ def anomaly_parts(folder: Path, vqvae: VQVAE, prior: GatedPixelCNN) -> dict[str,
             raise HubError(f"{folder / slicecheck.LIMITS_NAME}: {problem}. {rerun}")
         parts[slicecheck.LIMITS_NAME] = limits
     if not parts:
-        raise HubError(f"{folder} holds no anomaly files (local/, {anomaly.CALIBRATION_NAME}, "
+        raise HubError(f"{folder} holds no anomaly files (local/, prior/, {anomaly.CALIBRATION_NAME}, "
                        f"{slicecheck.LIMITS_NAME}); pass the folder bench/anomaly.py wrote, or --no-anomaly.")
     return parts
 

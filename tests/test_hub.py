@@ -606,6 +606,11 @@ def test_the_shipped_checkpoints_load_as_they_are(images):
     assert bundle.prior.meta["vqvae_fingerprint"] == bundle.vqvae.fingerprint()
     again = VQVAE.from_pretrained(str(hub.BUNDLED_DIR / "vqvae"))
     assert torch.equal(again.encode(images[:1]), bundle.vqvae.encode(images[:1]))
+    # the anomaly calibration and the upload check's limits hold for the shipped scoring prior (anomaly/prior)
+    from brainvq import anomaly, slicecheck
+    assert bundle.scoring_prior is not None
+    assert anomaly.Detector.load(hub.BUNDLED_DIR, bundle.vqvae, bundle.scorer).calibration is not None
+    assert slicecheck.limits_for(bundle.folder, bundle.vqvae, bundle.scorer)[0] is not None
 
 
 # ----------------------------------------------------------------------------------------- local folders
@@ -756,17 +761,49 @@ def test_a_name_that_is_neither_a_folder_nor_a_reachable_repo_is_a_clear_checkpo
 
 @pytest.fixture(scope="module")
 def checked_dir(tmp_path_factory) -> Path:
-    """A tiny bundle with everything the Anomaly tab and the upload check read: local prior, calibration, limits."""
+    """A tiny bundle with everything the Anomaly tab and the upload check read: a scoring prior (anomaly/prior,
+    other weights than pixelcnn/), the local prior, the calibration and the limits, all measured with the scoring
+    prior."""
     from brainvq import anomaly, slicecheck
     from test_anomaly import calibrate_tiny_bundle, slices
     from test_app import save_tiny_bundle
 
-    folder = calibrate_tiny_bundle(save_tiny_bundle(tmp_path_factory.mktemp("checked") / "checkpoints", seed=0))
+    folder = save_tiny_bundle(tmp_path_factory.mktemp("checked") / "checkpoints", seed=0)
+    vq = VQVAE.from_pretrained(folder / "vqvae")
+    torch.manual_seed(9)
+    GatedPixelCNN(GatedPixelCNN.from_pretrained(folder / "pixelcnn").cfg).save(
+        folder / anomaly.ANOMALY_DIR / anomaly.SCORING_DIR, vq.fingerprint())
+    calibrate_tiny_bundle(folder)
     bundle = hub.load_bundle(folder)
-    rows = slicecheck.features(bundle.vqvae, bundle.prior, slices(12, seed=200))
-    slicecheck.Limits(slicecheck.fit_limits(rows), anomaly.model_fingerprints(bundle.vqvae, bundle.prior)).save(
+    rows = slicecheck.features(bundle.vqvae, bundle.scorer, slices(12, seed=200))
+    slicecheck.Limits(slicecheck.fit_limits(rows), anomaly.model_fingerprints(bundle.vqvae, bundle.scorer)).save(
         folder / anomaly.ANOMALY_DIR / slicecheck.LIMITS_NAME)
     return folder
+
+
+def test_a_scoring_prior_judges_slices_and_the_main_prior_samples(checked_dir, bundle_dir):
+    """anomaly/prior, when a bundle has one, is the prior of the anomaly maps and the upload check; pixelcnn/ stays
+    the prior that samples. Without one, pixelcnn/ does both."""
+    from brainvq import anomaly, demo_prior
+
+    bundle = hub.load_bundle(checked_dir)
+    scoring = GatedPixelCNN.from_pretrained(checked_dir / "anomaly" / "prior")
+    main = GatedPixelCNN.from_pretrained(checked_dir / "pixelcnn")
+    assert anomaly.fingerprint(bundle.scorer) == anomaly.fingerprint(scoring) != anomaly.fingerprint(main)
+    assert anomaly.fingerprint(bundle.prior) == anomaly.fingerprint(main)
+    assert demo_prior.detector_for(bundle).prior is bundle.scorer and demo_prior.detector_for(bundle).calibration
+    assert anomaly.fingerprint(anomaly.Detector.load(checked_dir).prior) == anomaly.fingerprint(scoring)
+    plain = hub.load_bundle(bundle_dir)
+    assert plain.scoring_prior is None and plain.scorer is plain.prior
+
+
+def test_a_scoring_prior_of_another_vqvae_is_refused(checked_dir, tmp_path):
+    import shutil
+
+    folder = save_bundle(tmp_path / "other", *tiny_models(seed=5))
+    shutil.copytree(checked_dir / "anomaly" / "prior", folder / "anomaly" / "prior")
+    with pytest.raises(CheckpointError, match="anomaly/prior' was trained on VQ-VAE"):
+        hub.load_bundle(folder)
 
 
 def test_the_anomaly_files_travel_through_export_push_and_download(fake_hub, checked_dir, tmp_path, capsys):
@@ -788,9 +825,9 @@ def test_the_anomaly_files_travel_through_export_push_and_download(fake_hub, che
     bundle = hub.load_from_hub("me/checked", cache_dir=tmp_path / "cache")
     local = hub.load_bundle(checked_dir)
     image = slices(1, seed=5)
-    ours, theirs = (anomaly.Detector.load(b.folder, b.vqvae, b.prior).analyze(image)[0] for b in (bundle, local))
+    ours, theirs = (anomaly.Detector.load(b.folder, b.vqvae, b.scorer).analyze(image)[0] for b in (bundle, local))
     assert np.array_equal(ours.map, theirs.map) and ours.percentile == theirs.percentile
-    assert slicecheck.limits_for(bundle.folder, bundle.vqvae, bundle.prior)[1] is None
+    assert slicecheck.limits_for(bundle.folder, bundle.vqvae, bundle.scorer)[1] is None
     uploaded = (image[0] * 255).astype(np.uint8)
     assert demo.reconstruct(bundle, uploaded).check == demo.reconstruct(local, uploaded).check is not None
 
@@ -802,6 +839,7 @@ def test_export_refuses_anomaly_files_of_other_models_before_writing(checked_dir
     with pytest.raises(CheckpointError, match="anomaly/local' was trained on VQ-VAE"):
         hub.export_bundle(tmp_path / "out", bundle_dir / "vqvae", bundle_dir / "pixelcnn", "me/x",
                           checked_dir / anomaly.ANOMALY_DIR)
+    (tmp_path / "no-models").mkdir()
     for name, problem in ((anomaly.CALIBRATION_NAME, "anomaly calibration was measured on other models"),
                           (slicecheck.LIMITS_NAME, "upload check's limits were measured on other models")):
         alone = tmp_path / name
