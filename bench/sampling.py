@@ -7,7 +7,8 @@ Naive vs fast: both samplers draw one full code grid from the same seed; the scr
 identical, then reports both times, their ratio, and the fast sampler's full grid + decode time (goals:
 <= 5 s on 2 cores, fast >= 20x naive).
 
-Batching: the batched sampler draws ``--batches`` grids together (one request each, seeds 0..n-1) and reports
+Every run samples at the prior's default settings (``"sampling"`` in its config.json, chosen on validation), or at
+``--temperature`` / ``--top-p`` when given. Batching: the batched sampler draws ``--batches`` grids together (one request each, seeds 0..n-1) and reports
 the seconds per full set of grids and per step, with ``--threads`` torch threads; the median of ``--repeats``.
 ``--random-prior CHANNELS,EMBED,LAYERS,MAX_DILATION`` times a randomly initialised prior of that shape instead
 of the shipped one (speed does not depend on the weights).
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from brainvq.io import write_report  # noqa: E402
 from brainvq.pixelcnn import GatedPixelCNN, PixelCNNConfig  # noqa: E402
-from brainvq.sampling import BatchSampler, sample_codes  # noqa: E402
+from brainvq.sampling import BatchSampler, default_settings, sample_codes  # noqa: E402
 from brainvq.vqvae import VQVAE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,11 +48,11 @@ def random_prior(vqvae: VQVAE, shape: str, seed: int = 0) -> GatedPixelCNN:
                                         embed_dim=embed, num_layers=layers, max_dilation=dilation)).eval()
 
 
-def batched(prior: GatedPixelCNN, grids: int) -> float:
-    """Seconds to sample ``grids`` one-grid requests together."""
+def batched(prior: GatedPixelCNN, grids: int, settings: dict) -> float:
+    """Seconds to sample ``grids`` one-grid requests together at ``settings`` (temperature, top_k, top_p)."""
     sampler = BatchSampler(prior)
     for seed in range(grids):
-        sampler.add(n=1, seed=seed)
+        sampler.add(n=1, seed=seed, **settings)
     start = time.perf_counter()
     while sampler.busy:
         sampler.step()
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--vqvae", default=str(ROOT / "checkpoints/vqvae"))
     p.add_argument("--pixelcnn", default=str(ROOT / "checkpoints/pixelcnn"))
     p.add_argument("--random-prior", help="CHANNELS,EMBED,LAYERS,MAX_DILATION: time a random prior of this shape")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, help="default: the prior's config")
+    p.add_argument("--top-p", type=float, help="default: the prior's config (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--batches", default="1,4,16,64", help="numbers of grids sampled together")
@@ -80,12 +82,14 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         prior = GatedPixelCNN.from_pretrained(args.pixelcnn, vqvae=vqvae)
         prior_name = args.pixelcnn
-    kwargs = dict(n=1, temperature=args.temperature, seed=args.seed)
+    settings = default_settings(prior)
+    settings.update({k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None})
+    kwargs = dict(n=1, seed=args.seed, **settings)
     sample_codes(prior, method="fast", **kwargs)  # warm-up
     fast, fast_s = timed(lambda: sample_codes(prior, method="fast", **kwargs))
     image, decode_s = timed(lambda: vqvae.decode(fast))
     grid = prior.cfg.grid_size
-    result = {"prior": prior_name, "grid": f"{grid}x{grid}", "positions": grid * grid,
+    result = {"prior": prior_name, "sampling": settings, "grid": f"{grid}x{grid}", "positions": grid * grid,
               "threads": torch.get_num_threads(), "fast_s": round(fast_s, 3), "decode_s": round(decode_s, 3),
               "fast_plus_decode_s": round(fast_s + decode_s, 3), "goal_fast_plus_decode_s": 5.0}
     if not args.skip_naive:
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  and result["identical_codes"])
     result["batched_s"] = {}
     for grids in map(int, args.batches.split(",")):
-        seconds = statistics.median(batched(prior, grids) for _ in range(args.repeats))
+        seconds = statistics.median(batched(prior, grids, settings) for _ in range(args.repeats))
         result["batched_s"][grids] = {"all_grids_s": round(seconds, 2), "ms_per_step": round(seconds / grid**2 * 1e3, 3)}
         print(f"{grids} grids together: {seconds:.2f} s", file=sys.stderr)
     return write_report(result, args.json)

@@ -493,7 +493,8 @@ def load_local(folder: str, allowed_roots: Sequence[Path]):
 
 _HIDDEN = {"notice", "grid_size", "has_prior", "folder"}  # notice: own banner; the rest: redundant with source
 _LABELS = {"K": "codes (K)", "D": "code dimension (D)", "grid": "code grid", "vqvae_params": "VQ-VAE parameters",
-           "prior_params": "PixelCNN parameters", "vqvae_fingerprint": "VQ-VAE fingerprint", "data": "training data"}
+           "prior_params": "PixelCNN parameters", "vqvae_fingerprint": "VQ-VAE fingerprint", "data": "training data",
+           "scoring_prior": "prior of the anomaly maps and upload check"}
 
 
 def _fmt(value) -> str:

@@ -158,6 +158,8 @@ class ModelBundle:
             "vqvae_params": sum(p.numel() for p in self.vqvae.parameters()) + self.vqvae.quantizer.codebook.numel(),
             "prior_params": sum(p.numel() for p in self.prior.parameters()) if self.prior is not None else None,
             "has_prior": self.prior is not None,
+            "scoring_prior": ("anomaly/prior/" if self.scoring_prior is not None else
+                              "pixelcnn/" if self.prior is not None else None),
             "metrics": {"vqvae": dict(vq_meta.get("metrics") or {}),
                         "pixelcnn": dict(prior_meta.get("metrics") or {}) if self.prior is not None else None},
             "data": dict(vq_meta.get("data") or prior_meta.get("data") or {}),

@@ -795,6 +795,7 @@ def test_a_scoring_prior_judges_slices_and_the_main_prior_samples(checked_dir, b
     assert anomaly.fingerprint(anomaly.Detector.load(checked_dir).prior) == anomaly.fingerprint(scoring)
     plain = hub.load_bundle(bundle_dir)
     assert plain.scoring_prior is None and plain.scorer is plain.prior
+    assert (bundle.describe()["scoring_prior"], plain.describe()["scoring_prior"]) == ("anomaly/prior/", "pixelcnn/")
 
 
 def test_a_scoring_prior_of_another_vqvae_is_refused(checked_dir, tmp_path):
