@@ -8,7 +8,8 @@ identical, then reports both times, their ratio, and the fast sampler's full gri
 ``--repeats``; goals: <= 5 s on 2 cores, fast >= 20x naive).
 
 Every run samples at the prior's default settings (``"sampling"`` in its config.json, chosen on validation), or at
-``--temperature`` / ``--top-p`` when given. Batching: the batched sampler draws ``--batches`` grids together (one request each, seeds 0..n-1) and reports
+``--temperature`` / ``--top-p`` when given. Batching: the batched sampler draws ``--batches`` grids together
+(one request each, seeds 0..n-1) and reports
 the seconds per full set of grids and per step, with ``--threads`` torch threads; the median of ``--repeats``.
 ``--random-prior CHANNELS,EMBED,LAYERS,MAX_DILATION`` times a randomly initialised prior of that shape instead
 of the shipped one (speed does not depend on the weights).

@@ -2,7 +2,8 @@
 
 A bundle is a folder or Hub repository with ``vqvae/`` and optionally ``pixelcnn/`` (each from ``save_pretrained``),
 optionally ``anomaly/`` (the local-context prior, a scoring prior, the anomaly calibration and the upload check's
-limits, which hold only for the exact models they were measured on) and a model card. Offline mode is the library's: ``HF_HUB_OFFLINE=1``, or ``local_files_only`` (``app.py --offline``).
+limits, which hold only for the exact models they were measured on) and a model card. Offline mode is the
+library's: ``HF_HUB_OFFLINE=1``, or ``local_files_only`` (``app.py --offline``).
 ``HF_ENDPOINT`` and ``HF_HUB_CACHE`` are read at call time; ``BRAINVQ_HUB_REPO`` names the default repository.
 
     python -m brainvq.hub export --out hub_export            # checkpoints/ -> hub_export/ + model card
@@ -259,14 +260,15 @@ def load_default(repo_id: str | None = None, revision: str = "main", fallback: P
 def export_bundle(out: Path, vqvae_dir: Path, prior_dir: Path | None, repo_id: str,
                   anomaly_dir: Path | None = None) -> Path:
     """Save both checkpoints to out/vqvae and out/pixelcnn (save_pretrained), what ``anomaly_dir`` holds to
-    out/anomaly (export_anomaly) and the bundle's card to out/README.md."""
+    out/anomaly (checked by anomaly_parts) and the bundle's card to out/README.md."""
     repo_id, out = validate_repo_id(repo_id), Path(out)
     vqvae = VQVAE.from_pretrained(Path(vqvae_dir))  # refuse to export anything that would not load, or a mismatch
     prior = GatedPixelCNN.from_pretrained(Path(prior_dir), vqvae=vqvae) if prior_dir is not None else None
     for part, given in (("pixelcnn", prior), (anomaly.ANOMALY_DIR, anomaly_dir)):
         if given is None and (out / part).exists():
             raise HubError(f"{out / part} already exists but no {'prior' if part == 'pixelcnn' else 'anomaly folder'} "
-                           "was given: remove it or pass one, so the export does not mix stale files with these models.")
+                           "was given: remove it or pass one, so the export does not mix stale files with these "
+                           "models.")
     if anomaly_dir is not None and prior is None:
         raise HubError("An anomaly folder was given without a prior: anomaly maps and the upload check need the prior.")
     parts = anomaly_parts(Path(anomaly_dir), vqvae, prior) if anomaly_dir is not None else {}
@@ -337,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--vqvae", type=Path, default=BUNDLED_DIR / "vqvae", help="VQ-VAE checkpoint folder")
     export.add_argument("--pixelcnn", type=Path, default=BUNDLED_DIR / "pixelcnn", help="PixelCNN checkpoint folder")
     export.add_argument("--no-pixelcnn", action="store_true", help="export the VQ-VAE alone")
-    export.add_argument("--anomaly", type=Path, help="anomaly folder (local prior, calibration, upload-check limits; "
-                                                     "default: anomaly/ beside --pixelcnn, when there is one)")
+    export.add_argument("--anomaly", type=Path, help="anomaly folder (local and scoring priors, calibration, "
+                                                     "upload-check limits; default: anomaly/ beside --pixelcnn, "
+                                                     "when there is one)")
     export.add_argument("--no-anomaly", action="store_true", help="leave the anomaly files out")
     export.add_argument("--repo-id", default=default_repo_id(), help="repository named in the model card")
     push = sub.add_parser("push", help="upload an exported folder to the Hub (HF_TOKEN or --token)")
