@@ -9,7 +9,8 @@ and ..._recon_vs_real (reconstructions of B). A third set C of 256 other real tr
 Each row is one change:
 
 * ``real_blur07``: B blurred by a Gaussian of sigma 0.7 px: how much does sharpness alone give away?
-* ``recon_jpeg75``: reconstructions of B through one JPEG round trip at quality 75: is the floor the codec's missing artifacts?
+* ``recon_jpeg75``: reconstructions of B through one JPEG round trip at quality 75: is the floor the codec's
+  missing artifacts?
 * ``recon_plus_real_residual``: reconstructions of B plus the in-brain residual (x - recon) of the slices of C:
   real fine texture, from other anatomy;
 * ``recon_plus_gaussian_texture``: reconstructions of B plus stationary Gaussian texture fitted on C's residuals
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import generation_quality  # noqa: E402
 
-from brainvq import data  # noqa: E402
+from brainvq import anomaly, data  # noqa: E402
 from brainvq.io import write_report  # noqa: E402
 from brainvq.realism import brain_masks, c2st_accuracy, texture_report  # noqa: E402
 from brainvq.vqvae import VQVAE  # noqa: E402
@@ -55,14 +56,6 @@ def jpeg_round_trip(images: torch.Tensor, quality: int) -> torch.Tensor:
                                                                                               quality=quality)
         out.append(torch.from_numpy(np.asarray(Image.open(buffer), dtype=np.float32) / 255))
     return torch.stack(out).unsqueeze(1)
-
-
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    taps = torch.arange(-3, 4.0)
-    kernel = torch.exp(-taps ** 2 / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
-    images = F.conv2d(images, kernel.view(1, 1, 1, 7), padding=(0, 3))
-    return F.conv2d(images, kernel.view(1, 1, 7, 1), padding=(3, 0))
 
 
 class GaussianTexture:
@@ -88,11 +81,6 @@ class GaussianTexture:
         return (images + noise * spread * brain_masks(images, erode=0)).clamp(0, 1)
 
 
-@torch.no_grad()
-def reconstruct(vqvae: VQVAE, images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([vqvae.decode(vqvae.encode(batch)).clamp(0, 1) for batch in images.split(32)])
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vqvae", default=str(ROOT / "checkpoints/vqvae"))
@@ -115,13 +103,13 @@ def main(argv: list[str] | None = None) -> dict:
     rest = rng.choice(np.setdiff1d(np.arange(len(train)), pick), size=args.n, replace=False)
     real_a, real_b, real_c = (generation_quality.as_float(train.images[np.sort(part)])
                               for part in (pick[:args.n], pick[args.n:], rest))
-    recon_b, recon_c = reconstruct(vqvae, real_b)[crop], reconstruct(vqvae, real_c)[crop]
+    recon_b, recon_c = (generation_quality.reconstruct(vqvae, images)[crop] for images in (real_b, real_c))
     real_a, real_b, real_c = real_a[crop], real_b[crop], real_c[crop]
     mask_c = brain_masks(real_c, erode=2) & brain_masks(recon_c, erode=2)
     residual_c = (real_c - recon_c) * mask_c
     texture = GaussianTexture(real_c - recon_c, recon_c, mask_c)
 
-    variants = {"real_blur07": lambda: gaussian_blur(real_b, 0.7),
+    variants = {"real_blur07": lambda: torch.from_numpy(anomaly.smooth(real_b[:, 0].numpy(), 0.7))[:, None],
                 "recon_jpeg75": lambda: jpeg_round_trip(recon_b, 75),
                 "recon_plus_real_residual": lambda: (recon_b + residual_c * brain_masks(recon_b, erode=2)).clamp(0, 1),
                 "recon_plus_gaussian_texture": lambda: texture.add_to(recon_b, TEXTURE_SEED)}

@@ -80,6 +80,12 @@ def as_float(images: np.ndarray) -> torch.Tensor:
     return torch.cat(list(data.iter_batches(images, 256)))
 
 
+@torch.no_grad()
+def reconstruct(vqvae: VQVAE, images: torch.Tensor) -> torch.Tensor:
+    """The VQ-VAE's reconstructions of (N,1,H,W) images, 32 at a time, clamped to [0,1]."""
+    return torch.cat([vqvae.decode(vqvae.encode(batch)).clamp(0, 1) for batch in images.split(32)])
+
+
 def original_area(split: data.SliceSet) -> tuple[slice, slice]:
     """The padded-frame box that holds every image's own pixels (the union of their boxes)."""
     from brainvq.evaluate import original_boxes
@@ -149,8 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["c2st_accuracy"] = two_sample(samples, real_a)
     result["texture_samples"] = texture_report(samples[crop], real_a[crop])
     if args.controls:
-        with torch.no_grad():
-            recon = torch.cat([vqvae.decode(vqvae.encode(b)).clamp(0, 1) for b in real_b.split(32)])
+        recon = reconstruct(vqvae, real_b)
         print("two-sample test controls: real vs real, reconstructions vs real", flush=True)
         result["c2st_accuracy_real_vs_real"] = two_sample(real_b, real_a)
         result["c2st_accuracy_recon_vs_real"] = two_sample(recon, real_a)
