@@ -10,7 +10,9 @@ identical, then reports both times, their ratio, and the fast sampler's full gri
 Every run samples at the prior's default settings (``"sampling"`` in its config.json, chosen on validation), or at
 ``--temperature`` / ``--top-p`` when given. Batching: the batched sampler draws ``--batches`` grids together
 (one request each, seeds 0..n-1) and reports
-the seconds per full set of grids and per step, with ``--threads`` torch threads; the median of ``--repeats``.
+the seconds per full set of grids and per step; the median of ``--repeats``. ``--threads`` (torch threads) defaults
+to 1, what the demo's sampler process runs (``app.py --threads``); on this 2-core machine one thread was faster
+than two at 1 and 16 grids (README).
 ``--random-prior CHANNELS,EMBED,LAYERS,MAX_DILATION`` times a randomly initialised prior of that shape instead
 of the shipped one (speed does not depend on the weights).
 """
@@ -68,14 +70,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--temperature", type=float, help="default: the prior's config")
     p.add_argument("--top-p", type=float, help="default: the prior's config (1 = off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the demo's sampler)")
     p.add_argument("--batches", default="1,4,16,64", help="numbers of grids sampled together")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-naive", action="store_true", help="skip the naive sampler (minutes per grid)")
     p.add_argument("--json", help="where to write the figures")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     vqvae = VQVAE.from_pretrained(args.vqvae)
     if args.random_prior:
         prior = random_prior(vqvae, args.random_prior, args.seed)
